@@ -1,0 +1,307 @@
+"""The memory correction M^(n) of Eq. (9), computed with the grouping of THEORY §3.
+
+Eq. (9), for step n of a fixed batch sequence sigma, every history slot set to theta:
+
+    M^(n)(theta) = h * sum_{k=1..n} dF^(n)/dtheta^(n-k)(theta) . u_k,
+    u_k = sum_{s=n-k..n-1} F^(s)(theta).
+
+With momentum variables (THEORY §2),
+``dF^(n)/dtheta^(n-k) . u = sum_l dPhi/dm_l . b_l^(n+1) beta_l^k J[G_l^{sigma(n-k)}] u``, and
+since ``J[G_l^i]`` only depends on the batch i, the k's are grouped by the batch they point to:
+
+    w_{l,i} = sum_{k: sigma(n-k)=i} beta_l^k u_k,
+    M^(n)   = h * sum_l dPhi/dm_l(m^(n+1)) . b_l^(n+1) sum_i J[G_l^i](theta) w_{l,i}.
+
+Cost: one pass over the window of steps (an O(d) recurrence per step and momentum variable,
+Phi and suffix sums vectorised over the window), then at most one Hessian-vector product per
+distinct batch and momentum variable -- all in one vmapped call (or, for sources linear in g,
+one double backward ``grad_theta sum_i <g_i, w_i>``) -- and one JVP of Phi.
+
+Tail truncation (``tail_tol``): terms with k > K are dropped, K the smallest integer with
+
+    r(K) = sum_{k>K} k beta^k / sum_{k>=1} k beta^k = beta^K ((K+1)(1-beta) + beta) <= tail_tol,
+
+beta the largest decay among the variables that carry memory. Since ||u_k|| <= k max_s||F^(s)||,
+the dropped part of every w_{l,i} is at most ``tail_tol`` times the bound
+``max_s||F^(s)|| beta/(1-beta)^2`` on the whole sum. ``tail_tol=0`` keeps every term.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import jvp
+
+from noisemem.optim import Optimizer, Source
+from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence
+
+#: default relative bound on the dropped memory tail (see the module docstring)
+TAIL_TOL = 1e-12
+#: at most this many numbers (window rows x d, summed over variables) are held at once
+MAX_WINDOW_ELEMENTS = 1 << 26
+
+
+def tail_ratio(beta: float, k: int) -> float:
+    """``r(K) = beta^K ((K+1)(1-beta) + beta)``: relative weight of the terms k > K."""
+    if beta == 0.0:
+        return 0.0 if k >= 1 else 1.0
+    return math.exp(k * math.log(beta)) * ((k + 1) * (1.0 - beta) + beta)
+
+
+def truncation_horizon(beta: float, tail_tol: float, n: int) -> int:
+    """Smallest K in [1, n] with ``tail_ratio(beta, K) <= tail_tol`` (n if none)."""
+    if n <= 0:
+        return 0
+    if tail_tol <= 0.0 or tail_ratio(beta, n) > tail_tol:
+        return n
+    lo, hi = 0, n  # tail_ratio(lo) > tol >= tail_ratio(hi); tail_ratio decreases in K
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tail_ratio(beta, mid) > tail_tol:
+            lo = mid
+        else:
+            hi = mid
+    return max(hi, 1)
+
+
+def require_smooth(optimizer: Optimizer) -> None:
+    if not optimizer.smooth:
+        raise ValueError(
+            f"optimizer: {optimizer!r} is not differentiable, so Eq. (9) is undefined; "
+            "for Lion use eps > 0 (the soft sign K = ||x||_{1,eps})"
+        )
+
+
+class Probe:
+    """Everything Eq. (9) needs at one point theta, computed once and shared by sequences.
+
+    ``grads`` holds ``g_i(theta)`` for every batch (``(m, d)``); it is what the Monte Carlo
+    estimators reuse across permutations.
+    """
+
+    def __init__(self, problem: Problem, theta: Tensor | None = None) -> None:
+        self.problem = problem
+        self.theta = (problem.theta if theta is None else theta).detach()
+        self._grads: Tensor | None = None
+
+    @property
+    def grads(self) -> Tensor:
+        if self._grads is None:
+            self._grads = self.problem.batch_grads(self.theta)
+        return self._grads
+
+    def sources(self, optimizer: Optimizer) -> list[Tensor]:
+        """``G_l^i(theta)`` per variable: ``(m, d)``, or ``(1, d)`` for the PARAM source."""
+        out = []
+        for v in optimizer.variables:
+            if v.source is Source.PARAM:
+                out.append(self.theta.unsqueeze(0))
+            else:
+                out.append(v.source.value(self.grads, self.theta))
+        return out
+
+    # -- F^(n)(theta, ..., theta) -------------------------------------------------------
+    def momenta(self, optimizer: Optimizer, sequence: Sequence[int]) -> list[Tensor]:
+        """``m_l^(n+1)`` with every history slot at theta (n = len(sequence) - 1)."""
+        sig = np.asarray(sequence, dtype=np.int64)
+        n = sig.size - 1
+        b = optimizer.scales(np.array([float(n)]))[:, 0]
+        out = []
+        for v, G, b_l in zip(optimizer.variables, self.sources(optimizer), b, strict=True):
+            c = _decay_weights(sig, v.beta, G.shape[0], v.source)
+            out.append(float(b_l) * (torch.as_tensor(c, dtype=G.dtype, device=G.device) @ G))
+        return out
+
+    def direction(self, optimizer: Optimizer, sequence: Sequence[int]) -> Tensor:
+        """``F^(n)(theta, ..., theta)``: the first-order memoryless direction of (4)."""
+        return optimizer.phi(*self.momenta(optimizer, sequence))
+
+    # -- Eq. (9) ------------------------------------------------------------------------
+    def memory_correction(
+        self,
+        optimizer: Optimizer,
+        sequence: Sequence[int],
+        *,
+        tail_tol: float = TAIL_TOL,
+        hvp: str = "auto",
+    ) -> Tensor:
+        """``M^(n)(theta)`` of Eq. (9) for ``sequence`` (n = len(sequence) - 1)."""
+        require_smooth(optimizer)
+        sig = np.asarray(sequence, dtype=np.int64)
+        n = sig.size - 1
+        theta = self.theta
+        variables = optimizer.variables
+        memory = [l for l, v in enumerate(variables) if v.beta > 0.0]
+        if n == 0 or not memory:
+            return torch.zeros_like(theta)
+        K = truncation_horizon(max(variables[l].beta for l in memory), tail_tol, n)
+        start = n - K  # window of steps s = start..n-1 (k = n - s = K..1), plus s = n
+        scales = optimizer.scales(np.arange(start, n + 1, dtype=np.float64))  # (L, K+1)
+        sources = self.sources(optimizer)
+        W = [torch.zeros_like(G) if l in memory else None for l, G in enumerate(sources)]
+        suffix = torch.zeros_like(theta)  # sum of F^(s) over the rows already processed
+        m_last: list[Tensor] | None = None
+        rows_per_block = max(1, MAX_WINDOW_ELEMENTS // (len(variables) * theta.numel()))
+        bounds = list(range(start, n + 1, rows_per_block)) + [n + 1]
+        blocks = list(zip(bounds[:-1], bounds[1:], strict=True))
+        # forward pass: the state S_l before each block (one d-vector each)
+        states = [self._initial_states(optimizer, sources, sig, start)]
+        cached: list[Tensor] | None = None
+        for s0, s1 in blocks:
+            rows = self._state_rows(optimizer, sources, sig, s0, s1, states[-1])
+            states.append([r[-1] for r in rows])
+            cached = rows
+        # backward pass over the blocks: F rows, suffix sums u_k, scatter into w_{l,i}
+        for b_idx in range(len(blocks) - 1, -1, -1):
+            s0, s1 = blocks[b_idx]
+            rows = (
+                cached
+                if b_idx == len(blocks) - 1
+                else self._state_rows(optimizer, sources, sig, s0, s1, states[b_idx])
+            )
+            sc = scales[:, s0 - start : s1 - start]
+            m_rows = [
+                torch.as_tensor(sc[l], dtype=theta.dtype, device=theta.device)[:, None] * rows[l]
+                for l in range(len(variables))
+            ]
+            if s1 == n + 1:  # the last row is s = n: m^(n+1), not part of any u_k
+                m_last = [m[-1] for m in m_rows]
+                m_rows = [m[:-1] for m in m_rows]
+                s1 = n
+            if s1 <= s0:
+                continue
+            F = optimizer.phi(*m_rows)  # (rows, d): F^(s) for s = s0..s1-1
+            U = torch.flip(torch.cumsum(torch.flip(F, (0,)), 0), (0,)) + suffix  # u_{n-s}
+            suffix = U[0]
+            s_idx = np.arange(s0, s1)
+            for l in memory:
+                v = variables[l]
+                weights = torch.as_tensor(
+                    v.beta ** (n - s_idx).astype(np.float64), dtype=theta.dtype, device=theta.device
+                )
+                target = sig[s0:s1] if v.source.uses_grad else np.zeros(s1 - s0, dtype=np.int64)
+                W[l].index_add_(0, torch.as_tensor(target, device=theta.device), weights[:, None] * U)
+        assert m_last is not None
+        tangents = self._tangents(optimizer, W, sig[start:n], hvp)
+        b_n = scales[:, -1]
+        tangent_args = tuple(
+            float(b_n[l]) * t if t is not None else torch.zeros_like(theta)
+            for l, t in enumerate(tangents)
+        )
+        _, dphi = jvp(optimizer.phi, tuple(m_last), tangent_args)
+        return optimizer.lr * dphi
+
+    def _initial_states(
+        self, optimizer: Optimizer, sources: list[Tensor], sig: np.ndarray, start: int
+    ) -> list[Tensor]:
+        """``S_l`` after steps 0..start-1: sum_{j<start} beta_l^(start-1-j) G_l^{sigma(j)}."""
+        out = []
+        for v, G in zip(optimizer.variables, sources, strict=True):
+            c = _decay_weights(sig[:start], v.beta, G.shape[0], v.source)
+            out.append(torch.as_tensor(c, dtype=G.dtype, device=G.device) @ G)
+        return out
+
+    @staticmethod
+    def _state_rows(
+        optimizer: Optimizer,
+        sources: list[Tensor],
+        sig: np.ndarray,
+        s0: int,
+        s1: int,
+        before: list[Tensor],
+    ) -> list[Tensor]:
+        """``S_l^(s+1)`` for s = s0..s1-1 (rows), from the state ``before`` step s0."""
+        rows = []
+        for v, G, S in zip(optimizer.variables, sources, before, strict=True):
+            idx = torch.as_tensor(sig[s0:s1] if v.source.uses_grad else np.zeros(s1 - s0, int))
+            gathered = G[idx.to(G.device)]  # (rows, d)
+            if v.beta == 0.0:
+                rows.append(gathered)
+                continue
+            out = torch.empty_like(gathered)
+            prev = S
+            for r in range(s1 - s0):
+                torch.add(gathered[r], prev, alpha=v.beta, out=out[r])
+                prev = out[r]
+            rows.append(out)
+        return rows
+
+    def _tangents(
+        self, optimizer: Optimizer, W: list[Tensor | None], window: np.ndarray, hvp: str
+    ) -> list[Tensor | None]:
+        """``z_l = sum_i J[G_l^i](theta) w_{l,i}`` for the variables with memory."""
+        theta = self.theta
+        active = torch.as_tensor(np.unique(window), device=theta.device)
+        out: list[Tensor | None] = [None] * len(W)
+        grad_vars = [
+            l for l, w in enumerate(W) if w is not None and optimizer.variables[l].source.uses_grad
+        ]
+        for l, w in enumerate(W):
+            if w is not None and not optimizer.variables[l].source.uses_grad:
+                out[l] = w.sum(0)
+        if not grad_vars:
+            return out
+        linear = all(
+            optimizer.variables[l].source in (Source.GRAD, Source.NEG_GRAD) for l in grad_vars
+        )
+        if hvp == "double_backward" or (hvp == "auto" and linear and len(grad_vars) == 1):
+            if not linear:
+                raise ValueError("hvp: 'double_backward' needs sources linear in g")
+            for l in grad_vars:
+                w = W[l]
+                assert w is not None
+                hw = self.problem.summed_hvp(theta, active, w[active])
+                out[l] = optimizer.variables[l].source.tangent(self.grads[0], hw, w.sum(0))
+            return out
+        if hvp not in ("auto", "vmap"):
+            raise ValueError(f"hvp={hvp!r} is not allowed; use 'auto', 'vmap' or 'double_backward'")
+        index = active.repeat(len(grad_vars))
+        vectors = torch.cat([W[l][active] for l in grad_vars])  # type: ignore[index]
+        hv = self.problem.batch_hvps(theta, index, vectors).view(len(grad_vars), len(active), -1)
+        g = self.grads[active]
+        for j, l in enumerate(grad_vars):
+            w = W[l]
+            assert w is not None
+            out[l] = optimizer.variables[l].source.tangent(g, hv[j], w[active]).sum(0)
+        return out
+
+
+def _decay_weights(sig: np.ndarray, beta: float, num_rows: int, source: Source) -> np.ndarray:
+    """``c[i] = sum_{j: sigma(j)=i} beta^(len-1-j)`` (one row for the PARAM source)."""
+    if sig.size == 0:
+        return np.zeros(num_rows)
+    powers = beta ** np.arange(sig.size - 1, -1, -1, dtype=np.float64)
+    if not source.uses_grad:
+        return np.array([powers.sum()])
+    return np.bincount(sig, weights=powers, minlength=num_rows)
+
+
+def memory_correction(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    optimizer: Optimizer,
+    sequence: Sequence[int],
+    *,
+    tail_tol: float = TAIL_TOL,
+    hvp: str = "auto",
+) -> Tensor:
+    """Eq. (9): ``M^(n)`` at the model's current parameters, n = len(sequence) - 1.
+
+    ``sequence[j]`` is the index of the batch used at iteration j (any length: several
+    epochs, repeated batches). Returns a flat ``(d,)`` tensor in
+    ``parameters_to_vector(model.parameters())`` order, on the parameters' device and dtype.
+    ``hvp`` picks how the Hessian-vector products are taken: ``"vmap"`` (one vmapped
+    forward-over-reverse call over every (batch, variable) pair), ``"double_backward"``
+    (one ``grad_theta sum_i <g_i, w_i>``, sources linear in g only) or ``"auto"``.
+    """
+    problem = as_problem(model, loss_fn, batches)
+    seq = check_sequence(sequence, problem.num_batches)
+    require_smooth(optimizer)
+    if not (isinstance(tail_tol, int | float) and 0 <= tail_tol < 1):
+        raise ValueError(f"tail_tol={tail_tol!r} is not allowed; tail_tol must lie in [0, 1)")
+    return Probe(problem).memory_correction(optimizer, seq, tail_tol=tail_tol, hvp=hvp)

@@ -1,0 +1,142 @@
+"""A model, a mean-reduced loss and equal-size mini-batches, as functions of a flat vector.
+
+Parameters are flat, in ``parameters_to_vector(model.parameters())`` order. Everything is
+written for one batch and lifted with ``torch.func`` (``vmap``, ``grad``, ``jvp``).
+Mini-batch loss ``L_i`` is the **mean** loss over batch ``i``; the full loss is
+``L = mean_i L_i`` (equal batch sizes, so it is also the mean over all samples).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.utils import parameters_to_vector
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+def stack_batches(batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
+    """Stack ``[(x_i, y_i)]`` into ``X (m, b, ...)``, ``Y (m, b, ...)``; sizes must agree."""
+    if len(batches) == 0:
+        raise ValueError("batches: got no batches; give at least one (inputs, targets) pair")
+    sizes = [len(x) for x, _ in batches]
+    target_sizes = [len(y) for _, y in batches]
+    if len(set(sizes)) != 1 or sizes != target_sizes:
+        raise ValueError(
+            "batches: every batch must have the same size (inputs and targets alike); "
+            f"got input sizes {sizes} and target sizes {target_sizes} "
+            "(drop the incomplete last batch)"
+        )
+    return torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])
+
+
+class Problem:
+    """Flat-parameter view of ``(model, loss_fn, batches)``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch]) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.X, self.Y = stack_batches(batches)  # (m, b, ...)
+        self.names = [name for name, _ in model.named_parameters()]
+        params = [p for _, p in model.named_parameters()]
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.buffers = dict(model.named_buffers())
+        self.theta = parameters_to_vector(params).detach()  # (d,)
+        device, dtype = self.theta.device, self.theta.dtype
+        self.X = self.X.to(device)
+        self.Y = self.Y.to(device)
+        if self.X.is_floating_point():
+            self.X = self.X.to(dtype)
+
+    @property
+    def num_batches(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.X.shape[1]
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        chunks = torch.split(theta, self.numels)
+        return {
+            name: c.view(shape)
+            for name, c, shape in zip(self.names, chunks, self.shapes, strict=True)
+        }
+
+    def loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """Mean loss of one batch ``(x, y)`` at flat parameters ``theta``."""
+        out = functional_call(self.model, (self.unflatten(theta), self.buffers), (x,))
+        return self.loss_fn(out, y)
+
+    def full_loss(self, theta: Tensor) -> Tensor:
+        """``L = mean_i L_i``."""
+        return vmap(self.loss, in_dims=(None, 0, 0))(theta, self.X, self.Y).mean()
+
+    def batch_grads(self, theta: Tensor, index: Tensor | None = None) -> Tensor:
+        """``g_i(theta)`` for the batches ``index`` (all by default): ``(k, d)``."""
+        X, Y = (self.X, self.Y) if index is None else (self.X[index], self.Y[index])
+        return vmap(grad(self.loss), in_dims=(None, 0, 0))(theta, X, Y)
+
+    def full_grad(self, theta: Tensor) -> Tensor:
+        """``g = grad L``: ``(d,)``."""
+        return grad(self.full_loss)(theta)
+
+    def batch_hvps(self, theta: Tensor, index: Tensor, vectors: Tensor) -> Tensor:
+        """``H_{index[p]}(theta) vectors[p]`` for every p, one vmapped forward-over-reverse."""
+
+        def hvp(x: Tensor, y: Tensor, v: Tensor) -> Tensor:
+            return jvp(lambda t: grad(self.loss)(t, x, y), (theta,), (v,))[1]
+
+        return vmap(hvp)(self.X[index], self.Y[index], vectors)
+
+    def summed_hvp(self, theta: Tensor, index: Tensor, vectors: Tensor) -> Tensor:
+        """``sum_p H_{index[p]}(theta) vectors[p]`` as one double backward:
+        ``grad_theta sum_p <g_{index[p]}(theta), vectors[p]>`` (THEORY §3)."""
+        X, Y = self.X[index], self.Y[index]
+
+        def pairing(t: Tensor) -> Tensor:
+            g = vmap(grad(self.loss), in_dims=(None, 0, 0))(t, X, Y)  # (k, d)
+            return (g * vectors).sum()
+
+        return grad(pairing)(theta)
+
+    def full_hvp(self, theta: Tensor, v: Tensor) -> Tensor:
+        """``H(theta) v`` for the full loss."""
+        return jvp(grad(self.full_loss), (theta,), (v,))[1]
+
+
+def as_problem(
+    model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Problem
+) -> Problem:
+    return batches if isinstance(batches, Problem) else Problem(model, loss_fn, batches)
+
+
+def check_sequence(sequence: Sequence[int] | Tensor, num_batches: int) -> list[int]:
+    """Validate a batch sequence: non-empty, integer indices in ``[0, num_batches)``."""
+    seq = sequence.tolist() if isinstance(sequence, Tensor) else list(sequence)
+    if len(seq) == 0:
+        raise ValueError("sequence: got an empty batch sequence; give at least one batch index")
+    for j, i in enumerate(seq):
+        if not isinstance(i, int) or isinstance(i, bool):
+            try:
+                ok = int(i) == i
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"sequence[{j}]={i!r} is not an integer batch index")
+            i = int(i)
+        if not 0 <= i < num_batches:
+            raise ValueError(
+                f"sequence[{j}]={i} is out of range; batch indices must lie in "
+                f"[0, {num_batches}) (there are {num_batches} batches)"
+            )
+    return [int(i) for i in seq]
+
+
+def to_device_dtype(values: object, like: Tensor) -> Tensor:
+    return torch.as_tensor(values, dtype=like.dtype, device=like.device)
