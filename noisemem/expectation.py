@@ -1,0 +1,298 @@
+"""E[M^(n)] over random batch orders (paper Sec. 6.2, Appendix G; THEORY §4).
+
+Sampling schemes (``sampling``):
+
+* ``"permute"``: the m fixed batches, in a fresh uniformly random order each epoch (paper).
+* ``"reshuffle"``: the N = m b samples shuffled into fresh batches of size b each epoch
+  (what ``DataLoader(shuffle=True, drop_last=True)`` does).
+* ``"replacement"``: each step draws one of the m fixed batches uniformly, independently.
+
+Exact method (linear optimizers: heavy ball, Nesterov). ``M^(n)/h = sum_{a,c} kappa(a,c)
+H_{sigma(a)} g_{sigma(c)}`` over history positions a, c < n with
+
+    kappa(a,c) = d(a) sum_{s=max(a,c)..n-1} f(s,c),
+    d(a) = sum_l b_l^(n+1) beta_l^(n-a)  (dF^(n)/dtheta^(a) = d(a) H_{sigma(a)}),
+    f(s,c) = sum_l b_l^(s+1) beta_l^(s-c) (F^(s) = sum_c f(s,c) g_{sigma(c)}).
+
+The expectation of ``H_{sigma(a)} g_{sigma(c)}`` depends only on whether a = c, a != c in one
+epoch, or a, c in different epochs, so with C_same, C_epoch, C_cross the sums of kappa over
+those classes, E_same = H g + s_same V and E_diff = H g + s_diff V (V the noise direction):
+
+    E[M]/h = (C_same + C_epoch + C_cross) H g + (C_same s_same + C_epoch s_diff) V
+
+    permute:     V = Cov = mean_i H_i g_i - H g,          s_same = 1,                s_diff = -1/(m-1)
+    reshuffle:   V = Cov_x (per sample, 1/N sum_x ...),    s_same = (N-b)/(b(N-1)),  s_diff = -1/(N-1)
+    replacement: V = Cov,                                  s_same = 1,                s_diff = 0
+
+The first term is ``full_batch_part`` (it equals the full-batch correction at step n), the
+second ``noise_part``. Monte Carlo (every optimizer): average Eq. (9) over sampled orders,
+with per-coordinate standard errors; order p is drawn from ``numpy.random.default_rng([seed,
+p])``, so an estimate does not depend on how the orders are split among workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from noisemem.correction import TAIL_TOL, Probe, require_smooth
+from noisemem.noise import noise_direction, per_sample_problem
+from noisemem.optim import Optimizer, Source
+from noisemem.problem import Batch, LossFn, Problem, as_problem
+from noisemem.stats import Moments
+
+SAMPLINGS = ("permute", "reshuffle", "replacement")
+METHODS = ("exact", "monte_carlo")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """E[M^(n)] (flat ``(d,)`` tensors) and how it was obtained."""
+
+    mean: Tensor
+    method: str
+    sampling: str
+    step: int
+    epochs: int
+    #: Monte Carlo: per-coordinate standard error of ``mean``; None for the exact method
+    stderr: Tensor | None = None
+    #: exact method: h (C_same + C_epoch + C_cross) H g and h (C_same s_same + C_epoch s_diff) V
+    full_batch_part: Tensor | None = None
+    noise_part: Tensor | None = None
+    #: exact method: C_same, C_epoch, C_cross and the noise coefficient
+    coefficients: dict[str, float] | None = None
+    permutations: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SampledRun:
+    """One sampled batch order: ``sequence`` indexes fixed batches, or, for ``reshuffle``,
+    the rows of ``batches`` (sample indices of the fresh batches, ``(count, b)``)."""
+
+    sequence: np.ndarray
+    batches: np.ndarray | None = None
+
+
+def sample_run(
+    sampling: str, num_batches: int, batch_size: int, steps: int, seed: int, index: int
+) -> SampledRun:
+    """The ``index``-th random order of ``steps`` steps under ``sampling``."""
+    rng = np.random.default_rng([seed, index])
+    m = num_batches
+    epochs = -(-steps // m)
+    if sampling == "permute":
+        return SampledRun(np.concatenate([rng.permutation(m) for _ in range(epochs)])[:steps])
+    if sampling == "replacement":
+        return SampledRun(rng.integers(0, m, size=steps))
+    N = m * batch_size
+    orders = np.concatenate([rng.permutation(N) for _ in range(epochs)])
+    return SampledRun(np.arange(steps), orders.reshape(-1, batch_size)[:steps])
+
+
+def pair_coefficients(optimizer: Optimizer, step: int, num_batches: int) -> dict[str, float]:
+    """C_same, C_epoch, C_cross of the module docstring, exact, in float64.
+
+    kappa is evaluated in row blocks: d(a) sum_l beta_l^(t-c) R_l(t) with t = max(a, c) and
+    R_l(t) = sum_{s=t..n-1} b_l^(s+1) beta_l^(s-t) (no negative powers, so no overflow).
+    """
+    n, m = step, num_batches
+    if n == 0:
+        return {"same": 0.0, "epoch": 0.0, "cross": 0.0}
+    betas = np.array([v.beta for v in optimizer.variables])
+    b = optimizer.scales(np.arange(n + 1, dtype=np.float64))  # (L, n+1)
+    R = np.zeros((len(betas), n + 1))  # R[:, n] = 0
+    for t in range(n - 1, -1, -1):
+        R[:, t] = b[:, t] + betas * R[:, t + 1]
+    pos = np.arange(n)
+    d = (b[:, n][:, None] * betas[:, None] ** (n - pos)[None, :]).sum(0)  # (n,)
+    epoch = pos // m
+    same = epoch_sum = total = 0.0
+    rows = max(1, (1 << 22) // n)
+    for a0 in range(0, n, rows):
+        a = pos[a0 : a0 + rows]
+        t = np.maximum(a[:, None], pos[None, :])  # (rows, n)
+        f_sum = sum(betas[l] ** (t - pos[None, :]) * R[l][t] for l in range(len(betas)))
+        kappa = d[a][:, None] * f_sum
+        total += kappa.sum()
+        same += kappa[np.arange(len(a)), a].sum()
+        epoch_sum += kappa[epoch[a][:, None] == epoch[None, :]].sum()
+    epoch_only = epoch_sum - same
+    return {"same": same, "epoch": epoch_only, "cross": total - epoch_sum}
+
+
+def _check_expectation_args(
+    optimizer: Optimizer,
+    sampling: str,
+    method: str,
+    epochs: int,
+    step: int | None,
+    permutations: int | None,
+    num_batches: int,
+) -> int:
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling={sampling!r} is not allowed; use one of {SAMPLINGS}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not allowed; use one of {METHODS}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs={epochs!r} is not allowed; epochs must be an int >= 1")
+    last = epochs * num_batches - 1
+    if step is None:
+        step = last
+    if not isinstance(step, int) or not 0 <= step <= last:
+        raise ValueError(
+            f"step={step!r} is not allowed; step must be an int in [0, {last}] "
+            f"({epochs} epochs of {num_batches} batches), or None for the last step"
+        )
+    if method == "exact" and not optimizer.linear:
+        raise ValueError(
+            f"method='exact' is not available for {optimizer.name}: E[M] has a closed form only "
+            "for optimizers linear in the gradients (HeavyBall, Nesterov); use "
+            "method='monte_carlo'"
+        )
+    if method == "monte_carlo" and (
+        not isinstance(permutations, int) or isinstance(permutations, bool) or permutations < 2
+    ):
+        raise ValueError(
+            f"permutations={permutations!r} is not allowed; method='monte_carlo' needs an int >= 2"
+        )
+    return step
+
+
+def noise_scales(sampling: str, num_batches: int, batch_size: int) -> tuple[float, float]:
+    """``(s_same, s_diff)`` of the module docstring."""
+    m, b = num_batches, batch_size
+    if sampling == "permute":
+        return 1.0, (-1.0 / (m - 1) if m > 1 else 0.0)
+    if sampling == "replacement":
+        return 1.0, 0.0
+    N = m * b
+    if N < 2:
+        return 0.0, 0.0
+    return (N - b) / (b * (N - 1)), -1.0 / (N - 1)
+
+
+def exact_expectation(
+    problem: Problem, optimizer: Optimizer, sampling: str, step: int, epochs: int
+) -> Expectation:
+    """The exact E[M^(n)] for a linear optimizer (module docstring)."""
+    if not all(v.source is Source.GRAD for v in optimizer.variables):
+        raise ValueError(f"optimizer: {optimizer.name} is not linear in the gradients")
+    theta = problem.theta
+    C = pair_coefficients(optimizer, step, problem.num_batches)
+    s_same, s_diff = noise_scales(sampling, problem.num_batches, problem.batch_size)
+    g = problem.full_grad(theta)
+    Hg = problem.full_hvp(theta, g)
+    noise_problem = per_sample_problem(problem) if sampling == "reshuffle" else problem
+    V = noise_direction(noise_problem, theta)
+    c_full = C["same"] + C["epoch"] + C["cross"]
+    c_noise = C["same"] * s_same + C["epoch"] * s_diff
+    full_part = optimizer.lr * c_full * Hg
+    noise_part = optimizer.lr * c_noise * V
+    return Expectation(
+        mean=full_part + noise_part,
+        method="exact",
+        sampling=sampling,
+        step=step,
+        epochs=epochs,
+        full_batch_part=full_part,
+        noise_part=noise_part,
+        coefficients={**C, "noise": c_noise, "full": c_full},
+    )
+
+
+def sampled_correction(
+    problem: Problem,
+    probe: Probe,
+    optimizer: Optimizer,
+    run: SampledRun,
+    tail_tol: float = TAIL_TOL,
+) -> Tensor:
+    """Eq. (9) for one sampled order (fresh batches built from samples for ``reshuffle``)."""
+    if run.batches is None:
+        return probe.memory_correction(optimizer, run.sequence, tail_tol=tail_tol)
+    X = problem.X.flatten(0, 1)[torch.as_tensor(run.batches, device=problem.X.device)]
+    Y = problem.Y.flatten(0, 1)[torch.as_tensor(run.batches, device=problem.Y.device)]
+    fresh = Problem(problem.model, problem.loss_fn, list(zip(X, Y, strict=True)))
+    return Probe(fresh, probe.theta).memory_correction(optimizer, run.sequence, tail_tol=tail_tol)
+
+
+def monte_carlo_moments(
+    problem: Problem,
+    optimizer: Optimizer,
+    sampling: str,
+    step: int,
+    indices: Sequence[int] | range,
+    seed: int,
+    probe: Probe | None = None,
+) -> Moments:
+    """Sufficient statistics of M^(step) over the sampled orders ``indices``."""
+    probe = probe or Probe(problem)
+    acc = Moments.empty(problem.theta.numel())
+    for p in indices:
+        run = sample_run(
+            sampling, problem.num_batches, problem.batch_size, step + 1, seed, int(p)
+        )
+        acc.add(sampled_correction(problem, probe, optimizer, run))
+    return acc
+
+
+def expected_correction(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    optimizer: Optimizer,
+    *,
+    epochs: int = 1,
+    sampling: str = "permute",
+    method: str = "exact",
+    permutations: int | None = None,
+    seed: int = 0,
+    step: int | None = None,
+) -> Expectation:
+    """E[M^(n)] over random batch orders at the model's current parameters.
+
+    ``step`` (default: the last step of ``epochs`` epochs) is n. ``method="exact"`` for
+    HeavyBall and Nesterov (with ``full_batch_part`` and ``noise_part``); ``"monte_carlo"``
+    for every smooth optimizer, averaging Eq. (9) over ``permutations`` sampled orders
+    (``stderr`` per coordinate; reproducible from ``seed``).
+    """
+    problem = as_problem(model, loss_fn, batches)
+    require_smooth(optimizer)
+    n = _check_expectation_args(
+        optimizer, sampling, method, epochs, step, permutations, problem.num_batches
+    )
+    if method == "exact":
+        return exact_expectation(problem, optimizer, sampling, n, epochs)
+    assert permutations is not None
+    acc = monte_carlo_moments(problem, optimizer, sampling, n, range(permutations), seed)
+    dtype, device = problem.theta.dtype, problem.theta.device
+    return Expectation(
+        mean=acc.mean.to(device, dtype),
+        stderr=acc.stderr.to(device, dtype),
+        method="monte_carlo",
+        sampling=sampling,
+        step=n,
+        epochs=epochs,
+        permutations=permutations,
+        seed=seed,
+    )
+
+
+def standard_error_units(estimate: Expectation, exact: Tensor) -> float:
+    """max_r |mean_r - exact_r| / stderr_r: the distance in standard errors (Monte Carlo)."""
+    assert estimate.stderr is not None
+    se = estimate.stderr.clamp_min(torch.finfo(estimate.stderr.dtype).tiny)
+    return float(((estimate.mean - exact).abs() / se).max())
+
+
+__all__ = [
+    "METHODS",
+    "SAMPLINGS",
+    "Expectation",
+    "expected_correction",
+]

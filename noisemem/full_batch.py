@@ -1,0 +1,156 @@
+"""Full-batch memoryless predictions: Appendix E and Lemmas K.1-K.3 (THEORY §6).
+
+In the full-batch case every ``g_l`` is the full-loss quantity, and Eq. (9) has closed forms.
+``step=n`` gives the exact finite-n correction, ``step=None`` the n -> infinity limit.
+Notation: g = grad L, H = hess L, h = lr, ``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from noisemem.correction import Probe, require_smooth
+from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov, Optimizer
+from noisemem.problem import Batch, LossFn, Problem, as_problem
+
+
+def heavy_ball_coefficient(beta: float, step: int | None) -> float:
+    """Lemma K.1: M = h c H g with c = beta[1-(2n+1)beta^n(1-beta)-beta^(2n+1)]/(1-beta)^3.
+
+    (The paper writes it as h c/2 grad||grad L||^2; grad||g||^2 = 2 H g.) Limit: beta/(1-beta)^3.
+    """
+    if step is None:
+        return beta / (1 - beta) ** 3
+    n = step
+    return beta * (1 - (2 * n + 1) * beta**n * (1 - beta) - beta ** (2 * n + 1)) / (1 - beta) ** 3
+
+
+def nesterov_coefficient(beta: float, step: int | None) -> float:
+    """Nesterov, M = h c H g, derived like Lemma K.1 from F^(s) = (1 - beta^(s+2))/(1-beta) g
+    and dF^(n)/dtheta^(n-k) = beta^(k+1) H:
+
+        c = sum_{k=1..n} beta^(k+1) sum_{s=n-k..n-1} (1 - beta^(s+2))/(1-beta)
+          = beta c_K1(n) + beta^(n+2)/(1-beta) [n - beta (1-beta^n)/(1-beta)],
+
+    c_K1 the heavy-ball coefficient. Limit: beta^2/(1-beta)^3 (Appendix E).
+    """
+    if step is None:
+        return beta**2 / (1 - beta) ** 3
+    n = step
+    tail = beta ** (n + 2) / (1 - beta) * (n - beta * (1 - beta**n) / (1 - beta))
+    return beta * heavy_ball_coefficient(beta, n) + tail
+
+
+def adam_memory_weight(beta: float, step: int | None) -> float:
+    """``a = b^(n+1) sum_{k=1..n} k beta^k = beta/(1-beta) - (n+1) beta^(n+1)/(1-beta^(n+1))``
+    (Lemma K.2), ``beta/(1-beta)`` in the limit."""
+    if step is None:
+        return beta / (1 - beta)
+    n = step
+    if beta == 0.0:
+        return 0.0
+    return beta / (1 - beta) - (n + 1) * beta ** (n + 1) / (1 - beta ** (n + 1))
+
+
+def _adam_family(problem: Problem, opt: AdamW | NAdamW, step: int | None) -> Tensor:
+    """Lemma K.2 (AdamW) and its NAdam analogue, both eps conventions.
+
+    eps inside the sqrt (the paper's), with D = g^2 + eps:
+        M = h (c1 a1 - a2 + eps a2 / D) / sqrt(D) * H phi,   phi = g/sqrt(D) + lambda theta
+    (H phi = grad||g||_{1,eps} + lambda H theta). eps outside (PyTorch's), with r = |g|:
+        M = h (c1 a1 / (r + eps) - a2 r / (r + eps)^2) * H phi,   phi = g/(r + eps) + lambda theta
+    derived the same way from d/dm2 [m1/(sqrt(m2)+eps)] = -m1/(2 sqrt(m2)(sqrt(m2)+eps)^2).
+    c1 = 1 for AdamW, beta1 for NAdam (Appendix E: beta1^2 in place of beta1 in the limit).
+    Exact at finite n because bias correction makes F^(s)(theta) = phi for every s.
+    """
+    theta = problem.theta
+    g = problem.full_grad(theta)
+    a1 = adam_memory_weight(opt.beta1, step)
+    a2 = adam_memory_weight(opt.beta2, step)
+    c1 = opt.beta1 if isinstance(opt, NAdamW) else 1.0
+    if opt.eps_in_sqrt:
+        D = g * g + opt.eps
+        phi = g / torch.sqrt(D) + opt.weight_decay * theta
+        coef = (c1 * a1 - a2 + opt.eps * a2 / D) / torch.sqrt(D)
+    else:
+        r = torch.abs(g)
+        phi = g / (r + opt.eps) + opt.weight_decay * theta
+        coef = c1 * a1 / (r + opt.eps) - a2 * r / (r + opt.eps) ** 2
+    return opt.lr * coef * problem.full_hvp(theta, phi)
+
+
+def _lion(problem: Problem, opt: Lion, step: int | None) -> Tensor:
+    """Lemma K.3 and its bias-corrected variant (Appendix L); hess K diagonal.
+
+    No bias correction, finite n:
+        M = h rho1 (1-rho2) hessK(-(1-rho1 rho2^n) g) . H v,
+        v = sum_{k=1..n} rho2^(k-1) sum_{s=n-k..n-1} F_s,  F_s = -gradK(-(1-rho1 rho2^s) g) + lambda theta
+          = sum_{s=0..n-1} rho2^(n-s-1) (1-rho2^(s+1))/(1-rho2) F_s.
+    Bias correction: F^(s) = -gradK(-g) + lambda theta for every s, and
+        M = h rho1 [1/(1-rho2) - (n+1) rho2^n/(1-rho2^(n+1))] hessK(-g) . H F.
+    Limit (both): M = -h rho1/(1-rho2) hessK(-g) H [gradK(-g) - lambda theta].
+    """
+    theta = problem.theta
+    g = problem.full_grad(theta)
+    r1, r2, lam = opt.rho1, opt.rho2, opt.weight_decay
+    if step is None or opt.bias_correction:
+        F = -opt.grad_k(-g) + lam * theta
+        if step is None:
+            coef = r1 / (1 - r2)
+        else:
+            n = step
+            coef = r1 * (1 / (1 - r2) - (n + 1) * r2**n / (1 - r2 ** (n + 1)))
+        return opt.lr * coef * opt.hess_k(-g) * problem.full_hvp(theta, F)
+    n = step
+    v = torch.zeros_like(theta)
+    for s in range(n):
+        weight = r2 ** (n - s - 1) * (1 - r2 ** (s + 1)) / (1 - r2)
+        v = v + weight * (-opt.grad_k(-(1 - r1 * r2**s) * g) + lam * theta)
+    H_v = problem.full_hvp(theta, v)
+    return opt.lr * r1 * (1 - r2) * opt.hess_k(-(1 - r1 * r2**n) * g) * H_v
+
+
+def full_batch_correction(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    optimizer: Optimizer,
+    *,
+    step: int | None = None,
+) -> Tensor:
+    """Full-batch memoryless correction M^(n) (Appendix E, Lemmas K.1-K.3), flat ``(d,)``.
+
+    The full loss is ``L = mean_i L_i`` over ``batches``. ``step=None`` is the n -> infinity
+    limit; ``step=n`` the exact value at step n. Closed forms: heavy ball (K.1), Nesterov,
+    AdamW and NAdam (K.2, both eps conventions), Lion-K with eps > 0 (K.3, with or without
+    bias correction). NAdam with PyTorch's momentum schedule (``momentum_decay`` set) has no
+    closed form at finite n: Eq. (9) is then evaluated on the full batch repeated n+1 times
+    (its limit is the paper's, since mu_t -> beta1).
+    """
+    problem = as_problem(model, loss_fn, batches)
+    require_smooth(optimizer)
+    if step is not None and (not isinstance(step, int | np.integer) or step < 0):
+        raise ValueError(f"step={step!r} is not allowed; step must be None (the limit) or an int >= 0")
+    if isinstance(optimizer, HeavyBall):
+        c = heavy_ball_coefficient(optimizer.beta, step)
+    elif isinstance(optimizer, Nesterov):
+        c = nesterov_coefficient(optimizer.beta, step)
+    elif isinstance(optimizer, NAdamW) and optimizer.momentum_decay is not None and step is not None:
+        full = Problem(model, loss_fn, [(problem.X.flatten(0, 1), problem.Y.flatten(0, 1))])
+        return Probe(full).memory_correction(optimizer, [0] * (int(step) + 1), tail_tol=0.0)
+    elif isinstance(optimizer, AdamW | NAdamW):
+        return _adam_family(problem, optimizer, step)
+    elif isinstance(optimizer, Lion):
+        return _lion(problem, optimizer, step)
+    else:
+        raise ValueError(
+            f"optimizer: no full-batch closed form for {type(optimizer).__name__}; "
+            "allowed: HeavyBall, Nesterov, AdamW, NAdamW, Lion"
+        )
+    theta = problem.theta
+    g = problem.full_grad(theta)
+    return optimizer.lr * c * problem.full_hvp(theta, g)
