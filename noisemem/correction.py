@@ -28,6 +28,7 @@ the dropped part of every w_{l,i} is at most ``tail_tol`` times the bound
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -146,8 +147,8 @@ class Probe:
         suffix = torch.zeros_like(theta)  # sum of F^(s) over the rows already processed
         m_last: list[Tensor] | None = None
         rows_per_block = max(1, MAX_WINDOW_ELEMENTS // (len(variables) * theta.numel()))
-        bounds = list(range(start, n + 1, rows_per_block)) + [n + 1]
-        blocks = list(zip(bounds[:-1], bounds[1:], strict=True))
+        bounds = [*range(start, n + 1, rows_per_block), n + 1]
+        blocks = list(itertools.pairwise(bounds))
         # forward pass: the state S_l before each block (one d-vector each)
         states = [self._initial_states(optimizer, sources, sig, start)]
         cached: list[Tensor] | None = None
@@ -184,7 +185,9 @@ class Probe:
                     v.beta ** (n - s_idx).astype(np.float64), dtype=theta.dtype, device=theta.device
                 )
                 target = sig[s0:s1] if v.source.uses_grad else np.zeros(s1 - s0, dtype=np.int64)
-                W[l].index_add_(0, torch.as_tensor(target, device=theta.device), weights[:, None] * U)
+                W[l].index_add_(
+                    0, torch.as_tensor(target, device=theta.device), weights[:, None] * U
+                )
         assert m_last is not None
         tangents = self._tangents(optimizer, W, sig[start:n], hvp)
         b_n = scales[:, -1]

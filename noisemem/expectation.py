@@ -20,9 +20,9 @@ those classes, E_same = H g + s_same V and E_diff = H g + s_diff V (V the noise 
 
     E[M]/h = (C_same + C_epoch + C_cross) H g + (C_same s_same + C_epoch s_diff) V
 
-    permute:     V = Cov = mean_i H_i g_i - H g,          s_same = 1,                s_diff = -1/(m-1)
-    reshuffle:   V = Cov_x (per sample, 1/N sum_x ...),    s_same = (N-b)/(b(N-1)),  s_diff = -1/(N-1)
-    replacement: V = Cov,                                  s_same = 1,                s_diff = 0
+    permute:     V = Cov = mean_i H_i g_i - H g,   s_same = 1,               s_diff = -1/(m-1)
+    reshuffle:   V = Cov_x (per sample, 1/N sum_x), s_same = (N-b)/(b(N-1)), s_diff = -1/(N-1)
+    replacement: V = Cov,                           s_same = 1,               s_diff = 0
 
 The first term is ``full_batch_part`` (it equals the full-batch correction at step n), the
 second ``noise_part``. Monte Carlo (every optimizer): average Eq. (9) over sampled orders,
@@ -234,9 +234,7 @@ def monte_carlo_moments(
     probe = probe or Probe(problem)
     acc = Moments.empty(problem.theta.numel())
     for p in indices:
-        run = sample_run(
-            sampling, problem.num_batches, problem.batch_size, step + 1, seed, int(p)
-        )
+        run = sample_run(sampling, problem.num_batches, problem.batch_size, step + 1, seed, int(p))
         acc.add(sampled_correction(problem, probe, optimizer, run))
     return acc
 

@@ -88,8 +88,9 @@ def _lion(problem: Problem, opt: Lion, step: int | None) -> Tensor:
 
     No bias correction, finite n:
         M = h rho1 (1-rho2) hessK(-(1-rho1 rho2^n) g) . H v,
-        v = sum_{k=1..n} rho2^(k-1) sum_{s=n-k..n-1} F_s,  F_s = -gradK(-(1-rho1 rho2^s) g) + lambda theta
-          = sum_{s=0..n-1} rho2^(n-s-1) (1-rho2^(s+1))/(1-rho2) F_s.
+        v = sum_{k=1..n} rho2^(k-1) sum_{s=n-k..n-1} F_s
+          = sum_{s=0..n-1} rho2^(n-s-1) (1-rho2^(s+1))/(1-rho2) F_s,
+        F_s = -gradK(-(1-rho1 rho2^s) g) + lambda theta.
     Bias correction: F^(s) = -gradK(-g) + lambda theta for every s, and
         M = h rho1 [1/(1-rho2) - (n+1) rho2^n/(1-rho2^(n+1))] hessK(-g) . H F.
     Limit (both): M = -h rho1/(1-rho2) hessK(-g) H [gradK(-g) - lambda theta].
@@ -134,12 +135,16 @@ def full_batch_correction(
     problem = as_problem(model, loss_fn, batches)
     require_smooth(optimizer)
     if step is not None and (not isinstance(step, int | np.integer) or step < 0):
-        raise ValueError(f"step={step!r} is not allowed; step must be None (the limit) or an int >= 0")
+        raise ValueError(
+            f"step={step!r} is not allowed; step must be None (the limit) or an int >= 0"
+        )
     if isinstance(optimizer, HeavyBall):
         c = heavy_ball_coefficient(optimizer.beta, step)
     elif isinstance(optimizer, Nesterov):
         c = nesterov_coefficient(optimizer.beta, step)
-    elif isinstance(optimizer, NAdamW) and optimizer.momentum_decay is not None and step is not None:
+    elif (
+        isinstance(optimizer, NAdamW) and optimizer.momentum_decay is not None and step is not None
+    ):
         full = Problem(model, loss_fn, [(problem.X.flatten(0, 1), problem.Y.flatten(0, 1))])
         return Probe(full).memory_correction(optimizer, [0] * (int(step) + 1), tail_tol=0.0)
     elif isinstance(optimizer, AdamW | NAdamW):

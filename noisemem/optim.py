@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import NamedTuple
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 
-class Source(str, Enum):
+class Source(StrEnum):
     """What a momentum variable averages: ``G_l(theta)`` for one mini-batch gradient ``g``."""
 
     GRAD = "grad"  # g

@@ -110,9 +110,7 @@ class Problem:
         return jvp(grad(self.full_loss), (theta,), (v,))[1]
 
 
-def as_problem(
-    model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Problem
-) -> Problem:
+def as_problem(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Problem) -> Problem:
     return batches if isinstance(batches, Problem) else Problem(model, loss_fn, batches)
 
 

@@ -93,7 +93,9 @@ def literal_correction(
         return literal_F(opt, list(hist), sequence, grad_of)
 
     theta = theta.detach()
-    jac = torch.autograd.functional.jacobian(F_of_history, tuple(theta.clone() for _ in range(n + 1)))
+    jac = torch.autograd.functional.jacobian(
+        F_of_history, tuple(theta.clone() for _ in range(n + 1))
+    )
     F_s = [
         literal_F(opt, [theta.clone() for _ in range(s + 1)], sequence, grad_of).detach()
         for s in range(n)

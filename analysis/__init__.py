@@ -1,0 +1,1 @@
+"""Pandas comparison of measured corrections with the memoryless predictions."""

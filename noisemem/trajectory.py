@@ -1,0 +1,127 @@
+"""Memoryful and memoryless trajectories for a batch sequence (Eq. (1), Eq. (4), Figure 1).
+
+    memoryful      theta^(n+1)  = theta^(n)  - h F^(n)(theta^(n), ..., theta^(0))         (1)
+    second order   theta~^(n+1) = theta~^(n) - h [F^(n)(theta~^(n)) + M^(n)(theta~^(n))]   (4)
+    first order    theta^^(n+1) = theta^^(n) - h F^(n)(theta^^(n))
+
+with F^(n)(theta) = F^(n)(theta, ..., theta) and M^(n) of Eq. (9) for the prefix
+sequence[:n+1]. Corollary 3.3: over a horizon T (n <= T/h) the l_inf distance between (1) and
+(4) is O(h^2), and O(h) to the first-order iteration; :func:`trajectories` records both
+distances at every step (the paper's Figure 1 measurement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from noisemem.correction import TAIL_TOL, Probe, require_smooth
+from noisemem.optim import Optimizer
+from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence
+
+
+@dataclass(frozen=True)
+class Run:
+    """Iterates ``theta^(0..N)`` (``(N+1, d)``); after divergence the rows are NaN and
+    ``diverged_at`` is the first step whose iterate was not finite."""
+
+    thetas: Tensor
+    diverged_at: int | None = None
+
+
+def _run(problem: Problem, steps: int, advance) -> Run:
+    theta = problem.theta.clone()
+    out = torch.full(
+        (steps + 1, theta.numel()), float("nan"), dtype=theta.dtype, device=theta.device
+    )
+    out[0] = theta
+    for n in range(steps):
+        theta = advance(n, theta)
+        if not bool(torch.isfinite(theta).all()):
+            return Run(out, diverged_at=n + 1)
+        out[n + 1] = theta
+    return Run(out)
+
+
+def memoryful_run(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    optimizer: Optimizer,
+    sequence: Sequence[int],
+) -> Run:
+    """Iteration (1) from the model's current parameters over ``sequence``."""
+    problem = as_problem(model, loss_fn, batches)
+    seq = check_sequence(sequence, problem.num_batches)
+    state = optimizer.init(problem.theta)
+
+    def advance(n: int, theta: Tensor) -> Tensor:
+        nonlocal state
+        g = problem.batch_grads(theta, torch.tensor([seq[n]], device=theta.device))[0]
+        F, state = optimizer.update(g, state, theta)
+        return theta - optimizer.lr * F
+
+    return _run(problem, len(seq), advance)
+
+
+def memoryless_run(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    optimizer: Optimizer,
+    sequence: Sequence[int],
+    *,
+    order: int = 2,
+    tail_tol: float = TAIL_TOL,
+) -> Run:
+    """Iteration (4) (``order=2``) or its first-order version (``order=1``)."""
+    if order not in (1, 2):
+        raise ValueError(f"order={order!r} is not allowed; use 1 or 2")
+    problem = as_problem(model, loss_fn, batches)
+    seq = check_sequence(sequence, problem.num_batches)
+    if order == 2:
+        require_smooth(optimizer)
+
+    def advance(n: int, theta: Tensor) -> Tensor:
+        probe = Probe(problem, theta)
+        step = probe.direction(optimizer, seq[: n + 1])
+        if order == 2:
+            step = step + probe.memory_correction(optimizer, seq[: n + 1], tail_tol=tail_tol)
+        return theta - optimizer.lr * step
+
+    return _run(problem, len(seq), advance)
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """The three runs and their per-step l_inf distances ``(N+1,)`` to the memoryful one."""
+
+    memoryful: Run
+    first_order: Run
+    second_order: Run
+    linf_first: Tensor
+    linf_second: Tensor
+
+
+def trajectories(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    optimizer: Optimizer,
+    sequence: Sequence[int],
+) -> Trajectories:
+    """Run (1), the first-order and the second-order memoryless iterations over ``sequence``."""
+    problem = as_problem(model, loss_fn, batches)
+    full = memoryful_run(model, loss_fn, problem, optimizer, sequence)
+    first = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=1)
+    second = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=2)
+    return Trajectories(
+        memoryful=full,
+        first_order=first,
+        second_order=second,
+        linf_first=(full.thetas - first.thetas).abs().amax(1),
+        linf_second=(full.thetas - second.thetas).abs().amax(1),
+    )

@@ -1,0 +1,195 @@
+"""Eq. (9): the grouped engine against the literal Jacobians over the whole history."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny, rel_err
+from oracles import literal_correction
+
+import noisemem.correction as correction
+from noisemem import memory_correction
+from noisemem.correction import tail_ratio, truncation_horizon
+from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov
+
+OPTIMIZERS = {
+    "heavy_ball": HeavyBall(0.1, 0.9),
+    "nesterov": Nesterov(0.1, 0.7),
+    "adamw_eps_in_sqrt": AdamW(0.01, 0.9, 0.99, 1e-3, weight_decay=0.1),
+    "adamw_eps_outside": AdamW(0.01, 0.8, 0.95, 1e-3, weight_decay=0.1, eps_in_sqrt=False),
+    "nadamw": NAdamW(0.01, 0.9, 0.99, 1e-3, weight_decay=0.1),
+    "lion_soft": Lion(0.01, 0.9, 0.99, weight_decay=0.1, eps=1e-3),
+    "lion_soft_bias_corrected": Lion(
+        0.01, 0.8, 0.95, weight_decay=0.1, eps=1e-2, bias_correction=True
+    ),
+}
+SEQUENCES = {
+    "one_epoch": [2, 0, 3, 1],
+    "two_epochs": [2, 0, 3, 1, 1, 3, 0, 2],
+    "repeats": [1, 1, 1, 0, 1, 2, 2],
+    "single_step": [3],
+}
+
+
+@pytest.mark.parametrize("seq", sorted(SEQUENCES))
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_engine_matches_literal_eq9(tiny, opt, seq):
+    optimizer, sequence = OPTIMIZERS[opt], SEQUENCES[seq]
+    ours = memory_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, optimizer, sequence, tail_tol=0
+    )
+    literal = literal_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, optimizer, sequence, tiny.theta
+    )
+    if len(sequence) == 1:
+        assert float(literal.norm()) == 0.0 and float(ours.norm()) == 0.0  # no history yet
+    else:
+        assert float(literal.norm()) > 1e-6
+        assert rel_err(ours, literal) < 1e-9
+
+
+@pytest.mark.parametrize("hvp", ["vmap", "double_backward"])
+def test_both_hvp_paths_agree_with_literal(hvp):
+    tiny = make_tiny("gelu_mlp")
+    seq = SEQUENCES["two_epochs"]
+    for optimizer in (OPTIMIZERS["heavy_ball"], OPTIMIZERS["nesterov"]):
+        ours = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, hvp=hvp)
+        literal = literal_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, tiny.theta
+        )
+        assert rel_err(ours, literal) < 1e-9
+
+
+def test_double_backward_refuses_nonlinear_sources():
+    tiny = make_tiny("softmax")
+    with pytest.raises(ValueError, match="hvp"):
+        memory_correction(
+            tiny.model,
+            tiny.loss_fn,
+            tiny.batches,
+            OPTIMIZERS["adamw_eps_in_sqrt"],
+            [0, 1, 2],
+            hvp="double_backward",
+        )
+
+
+@pytest.mark.parametrize("opt", ["heavy_ball", "adamw_eps_in_sqrt"])
+def test_blocked_window_equals_single_block(monkeypatch, opt):
+    """Long windows are streamed in blocks (two passes); the result must not change."""
+    tiny = make_tiny("gelu_mlp")
+    seq = SEQUENCES["two_epochs"] * 2
+    whole = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq)
+    d = tiny.theta.numel()
+    monkeypatch.setattr(correction, "MAX_WINDOW_ELEMENTS", 3 * 3 * d)  # 3 rows per block
+    blocked = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq)
+    literal = literal_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, tiny.theta
+    )
+    assert rel_err(blocked, whole) < 1e-12
+    assert rel_err(blocked, literal) < 1e-9
+
+
+def test_tail_ratio_is_the_relative_weight_of_the_dropped_terms():
+    beta, K = 0.9, 37
+    dropped = sum(k * beta**k for k in range(K + 1, 5000))
+    whole = sum(k * beta**k for k in range(1, 5000))
+    assert abs(tail_ratio(beta, K) - dropped / whole) < 1e-12 * whole
+    K = truncation_horizon(beta, 1e-6, 10_000)
+    assert tail_ratio(beta, K) <= 1e-6 < tail_ratio(beta, K - 1)
+
+
+def test_truncated_correction_stays_within_its_documented_bound():
+    """Dropping k > K changes sum_i H_i w_i by at most max_i||H_i||_2 * sum_{k>K} beta^k ||u_k||
+    <= max_i||H_i||_2 * tail_ratio(K) * max_s||F^(s)|| * beta/(1-beta)^2 (heavy ball)."""
+    from oracles import batch_gradient, flat_loss
+
+    tiny = make_tiny("gelu_mlp")
+    seq = [j % 4 for j in range(120)]
+    beta, tol = 0.8, 1e-6
+    opt = HeavyBall(0.1, beta)
+    K = truncation_horizon(beta, tol, len(seq) - 1)
+    assert K < len(seq) - 1  # the bound does cut the window
+    exact = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=0)
+    loose = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=tol)
+    theta = tiny.theta
+    H_norm = max(
+        torch.linalg.matrix_norm(
+            torch.autograd.functional.hessian(
+                lambda t, b=b: flat_loss(tiny.model, tiny.loss_fn, t, b), theta
+            ),
+            ord=2,
+        )
+        for b in tiny.batches
+    )
+    g = [batch_gradient(tiny.model, tiny.loss_fn, theta.clone(), b).detach() for b in tiny.batches]
+    F_max, F = 0.0, torch.zeros_like(theta)
+    for i in seq[:-1]:
+        F = beta * F + g[i]
+        F_max = max(F_max, float(F.norm()))
+    bound = opt.lr * H_norm * tail_ratio(beta, K) * F_max * beta / (1 - beta) ** 2
+    assert 0 < float((loose - exact).norm()) <= bound
+    default = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
+    assert rel_err(default, exact) < 1e-9
+
+
+def test_memoryless_optimizer_has_no_correction():
+    tiny = make_tiny("softmax")
+    M = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, HeavyBall(0.1, 0.0), [0, 1, 2, 3])
+    assert torch.count_nonzero(M) == 0
+
+
+def test_result_is_flat_in_parameter_order_and_model_is_untouched():
+    tiny = make_tiny("gelu_mlp")
+    before = tiny.theta
+    M = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS["heavy_ball"], [0, 1])
+    assert M.shape == before.shape and M.dtype == torch.float64
+    assert torch.equal(before, tiny.theta)
+
+
+BAD_INPUT = [
+    ("unequal", "batches"),
+    ("out_of_range", "sequence[2]=4"),
+    ("negative", "sequence[0]=-1"),
+    ("empty", "sequence"),
+    ("sign_lion", "eps > 0"),
+    ("tail_tol", "tail_tol"),
+]
+
+
+@pytest.mark.parametrize("case, needle", BAD_INPUT, ids=[c for c, _ in BAD_INPUT])
+def test_bad_input_raises_a_clear_value_error(case, needle):
+    tiny = make_tiny("softmax")
+    batches, seq, opt, kw = tiny.batches, [0, 1, 2], HeavyBall(0.1, 0.9), {}
+    if case == "unequal":
+        x, y = batches[-1]
+        batches = [*batches[:-1], (x[:1], y[:1])]
+    elif case == "out_of_range":
+        seq = [0, 1, 4]
+    elif case == "negative":
+        seq = [-1, 0]
+    elif case == "empty":
+        seq = []
+    elif case == "sign_lion":
+        opt = Lion(0.01, 0.9, 0.99)
+    elif case == "tail_tol":
+        kw = {"tail_tol": 2.0}
+    with pytest.raises(ValueError) as err:
+        memory_correction(tiny.model, tiny.loss_fn, batches, opt, seq, **kw)
+    assert needle in str(err.value)
+    if case == "out_of_range":
+        assert "[0, 4)" in str(err.value)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_path_matches_cpu():
+    tiny = make_tiny("gelu_mlp")
+    seq = SEQUENCES["two_epochs"]
+    for optimizer in OPTIMIZERS.values():
+        cpu = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq)
+        model = tiny.model.to("cuda")
+        batches = [(x.cuda(), y.cuda()) for x, y in tiny.batches]
+        gpu = memory_correction(model, tiny.loss_fn, batches, optimizer, seq)
+        tiny.model.to("cpu")
+        assert gpu.is_cuda
+        assert rel_err(gpu.cpu(), cpu) < 1e-9

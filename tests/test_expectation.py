@@ -1,0 +1,202 @@
+"""E[M] over batch orders: exact against every ordering, Monte Carlo against exact."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny, rel_err
+
+from noisemem import expected_correction, full_batch_correction, memory_correction
+from noisemem.expectation import pair_coefficients
+from noisemem.optim import AdamW, HeavyBall, Lion, Nesterov
+
+LINEAR = {"heavy_ball": HeavyBall(0.1, 0.9), "nesterov": Nesterov(0.1, 0.7)}
+
+
+def average_over(tiny, optimizer, runs):
+    """Mean of Eq. (9) over an explicit list of (batches, sequence) runs."""
+    total = None
+    for batches, seq in runs:
+        M = memory_correction(tiny.model, tiny.loss_fn, batches, optimizer, seq, tail_tol=0)
+        total = M if total is None else total + M
+    return total / len(runs)
+
+
+@pytest.mark.parametrize("epochs, step", [(1, None), (2, None), (2, 3), (2, 1), (3, 5)])
+@pytest.mark.parametrize("opt", sorted(LINEAR))
+def test_exact_permute_equals_average_over_every_permutation(opt, epochs, step):
+    tiny = make_tiny("gelu_mlp", num_batches=3)
+    optimizer = LINEAR[opt]
+    exact = expected_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, optimizer, epochs=epochs, step=step
+    )
+    n = exact.step
+    perms = list(itertools.permutations(range(3)))
+    runs = [
+        (tiny.batches, list(itertools.chain(*combo))[: n + 1])
+        for combo in itertools.product(perms, repeat=-(-(n + 1) // 3))
+    ]
+    assert rel_err(exact.mean, average_over(tiny, optimizer, runs)) < 1e-9
+    assert rel_err(exact.full_batch_part + exact.noise_part, exact.mean) < 1e-12
+
+
+@pytest.mark.parametrize("opt", sorted(LINEAR))
+def test_exact_replacement_equals_average_over_every_draw(opt):
+    tiny = make_tiny("softmax", num_batches=3)
+    optimizer = LINEAR[opt]
+    exact = expected_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, optimizer, epochs=2, step=4, sampling="replacement"
+    )
+    runs = [(tiny.batches, list(seq)) for seq in itertools.product(range(3), repeat=5)]
+    assert rel_err(exact.mean, average_over(tiny, optimizer, runs)) < 1e-9
+
+
+@pytest.mark.parametrize("epochs, step", [(1, None), (2, None), (2, 2)])
+@pytest.mark.parametrize("opt", sorted(LINEAR))
+def test_exact_reshuffle_equals_average_over_every_sample_ordering(opt, epochs, step):
+    """N = 4 samples in batches of 2: every ordering of the samples in every epoch."""
+    tiny = make_tiny("gelu_mlp", num_batches=2, batch_size=2)
+    optimizer = LINEAR[opt]
+    exact = expected_correction(
+        tiny.model,
+        tiny.loss_fn,
+        tiny.batches,
+        optimizer,
+        epochs=epochs,
+        step=step,
+        sampling="reshuffle",
+    )
+    ((X, Y),) = tiny.full
+    orders = list(itertools.permutations(range(4)))
+    runs = []
+    for combo in itertools.product(orders, repeat=epochs):
+        rows = np.concatenate(combo).reshape(-1, 2)
+        runs.append(([(X[r], Y[r]) for r in rows], list(range(exact.step + 1))))
+    assert rel_err(exact.mean, average_over(tiny, optimizer, runs)) < 1e-9
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_full_batch_part_is_the_full_batch_correction_at_step_n(tiny, epochs):
+    for optimizer in LINEAR.values():
+        exact = expected_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, optimizer, epochs=epochs
+        )
+        fb = full_batch_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, optimizer, step=exact.step
+        )
+        assert rel_err(exact.full_batch_part, fb) < 1e-9
+
+
+def test_one_epoch_coefficients_are_appendix_g_sums_and_limits():
+    """C_same = C3(n), C_epoch = C4(n) (Appendix G, m = n+1 batches, last step n), with
+    limits beta/((1-beta)^2(1+beta)) and C3 + C4 -> beta/(1-beta)^3."""
+    beta = 0.6
+    for n in (1, 4, 9):
+        C = pair_coefficients(HeavyBall(0.1, beta), n, n + 1)
+        C3 = beta * sum(
+            beta**b * sum(beta ** (b + 1 - l) for l in range(1, b + 2)) for b in range(n)
+        )
+        total = beta * sum(
+            beta**k * sum(beta**b for l in range(1, k + 2) for b in range(n - l + 1))
+            for k in range(n)
+        )
+        assert math.isclose(C["same"], C3, rel_tol=1e-12)
+        assert math.isclose(C["epoch"], total - C3, rel_tol=1e-12)
+        assert C["cross"] == 0.0
+    C = pair_coefficients(HeavyBall(0.1, beta), 400, 401)
+    assert math.isclose(C["same"], beta / ((1 - beta) ** 2 * (1 + beta)), rel_tol=1e-12)
+    assert math.isclose(C["same"] + C["epoch"], beta / (1 - beta) ** 3, rel_tol=1e-12)
+
+
+def test_heavy_ball_one_epoch_matches_the_paper_asymptotically():
+    """E[M]/h -> beta/(1-beta)^3 H g + beta/((1-beta)^2(1+beta)) Cov for many batches."""
+    beta = 0.5
+    tiny = make_tiny("softmax", num_batches=60, batch_size=2)
+    opt = HeavyBall(0.1, beta)
+    exact = expected_correction(tiny.model, tiny.loss_fn, tiny.batches, opt)
+    C = exact.coefficients
+    n = exact.step
+    assert math.isclose(C["noise"], C["same"] - C["epoch"] / n, rel_tol=1e-12)
+    assert abs(C["full"] - beta / (1 - beta) ** 3) < 1e-12
+    assert abs(C["noise"] - beta / ((1 - beta) ** 2 * (1 + beta))) < 0.1  # O(1/n) away
+
+
+@pytest.mark.parametrize("sampling", ["permute", "reshuffle", "replacement"])
+def test_monte_carlo_is_within_four_standard_errors_of_exact(sampling):
+    tiny = make_tiny("gelu_mlp", num_batches=4)
+    opt = HeavyBall(0.1, 0.8)
+    kw = {"epochs": 2, "sampling": sampling}
+    exact = expected_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, **kw)
+    mc = expected_correction(
+        tiny.model,
+        tiny.loss_fn,
+        tiny.batches,
+        opt,
+        method="monte_carlo",
+        permutations=200,
+        seed=7,
+        **kw,
+    )
+    assert mc.stderr is not None and bool((mc.stderr > 0).all())
+    z = (mc.mean - exact.mean).abs() / mc.stderr
+    assert float(z.max()) < 4.0
+
+
+def test_monte_carlo_standard_error_shrinks_like_one_over_sqrt_p():
+    """SE(P)/SE(4P) should be 2. The sample variance of P Gaussian draws has relative sd
+    sqrt(2/(P-1)) (0.18 at P = 64), so the ratio of square roots is 2 +- ~13% per coordinate;
+    pooled over coordinates (sum of squares) the bound 25% is > 3 such deviations."""
+    tiny = make_tiny("gelu_mlp", num_batches=5)
+    opt = HeavyBall(0.1, 0.8)
+    se = {}
+    for P in (64, 256):
+        mc = expected_correction(
+            tiny.model,
+            tiny.loss_fn,
+            tiny.batches,
+            opt,
+            method="monte_carlo",
+            permutations=P,
+            seed=3,
+        )
+        se[P] = float(mc.stderr.pow(2).sum().sqrt())
+    assert abs(se[64] / se[256] / 2 - 1) < 0.25
+
+
+def test_monte_carlo_is_reproducible_and_works_for_adam_and_lion():
+    tiny = make_tiny("softmax")
+    for opt in (AdamW(0.01, 0.9, 0.99, 1e-3), Lion(0.01, 0.9, 0.99, eps=1e-3)):
+        kw = {"method": "monte_carlo", "permutations": 8, "seed": 11, "epochs": 2}
+        a = expected_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, **kw)
+        b = expected_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, **kw)
+        assert torch.equal(a.mean, b.mean) and torch.equal(a.stderr, b.stderr)
+        assert a.full_batch_part is None and float(a.mean.norm()) > 0
+
+
+BAD = [
+    ({"sampling": "shuffle"}, "sampling='shuffle'"),
+    ({"method": "closed"}, "method='closed'"),
+    ({"epochs": 0}, "epochs=0"),
+    ({"step": 8}, "step=8"),
+    ({"method": "monte_carlo"}, "permutations=None"),
+    ({"method": "monte_carlo", "permutations": 1}, "permutations=1"),
+]
+
+
+@pytest.mark.parametrize("kw, needle", BAD, ids=[n for _, n in BAD])
+def test_bad_arguments_are_named(kw, needle):
+    tiny = make_tiny("softmax")
+    with pytest.raises(ValueError) as err:
+        expected_correction(tiny.model, tiny.loss_fn, tiny.batches, HeavyBall(0.1, 0.9), **kw)
+    assert needle in str(err.value)
+
+
+def test_exact_method_for_adam_is_refused_with_the_alternative():
+    tiny = make_tiny("softmax")
+    with pytest.raises(ValueError) as err:
+        expected_correction(tiny.model, tiny.loss_fn, tiny.batches, AdamW(0.01, 0.9, 0.99, 1e-8))
+    assert "method='exact'" in str(err.value) and "monte_carlo" in str(err.value)
