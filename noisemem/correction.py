@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy.signal import lfilter
 from torch import Tensor, nn
 from torch.func import jvp
 
@@ -44,6 +45,10 @@ from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence
 TAIL_TOL = 1e-12
 #: at most this many numbers (window rows x d, summed over variables) are held at once
 MAX_WINDOW_ELEMENTS = 1 << 26
+#: up to this many batches, momentum rows are coefficient matrices times the stacked sources
+DENSE_MAX_BATCHES = 256
+#: how Hessian-vector products are taken (see :func:`memory_correction`)
+HVP_MODES = ("auto", "vmap", "double_backward")
 
 
 def tail_ratio(beta: float, k: int) -> float:
@@ -81,19 +86,60 @@ class Probe:
     """Everything Eq. (9) needs at one point theta, computed once and shared by sequences.
 
     ``grads`` holds ``g_i(theta)`` for every batch (``(m, d)``); it is what the Monte Carlo
-    estimators reuse across permutations.
+    estimators reuse across permutations. They are computed with their autograd graph kept
+    (``keep_graph``), so that ``sum_i H_i w_i`` is then one backward pass through that graph
+    (:meth:`summed_hvp`) instead of a second forward and backward.
     """
 
-    def __init__(self, problem: Problem, theta: Tensor | None = None) -> None:
+    def __init__(
+        self, problem: Problem, theta: Tensor | None = None, *, keep_graph: bool = True
+    ) -> None:
         self.problem = problem
         self.theta = (problem.theta if theta is None else theta).detach()
+        self.keep_graph = keep_graph
         self._grads: Tensor | None = None
+        self._graph: tuple[Tensor, Tensor] | None = None  # (leaf theta, grads with graph)
 
     @property
     def grads(self) -> Tensor:
         if self._grads is None:
-            self._grads = self.problem.batch_grads(self.theta)
+            if self.keep_graph:
+                leaf = self.theta.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    G = self.problem.batch_grads(leaf)
+                self._graph = (leaf, G)
+                self._grads = G.detach()
+            else:
+                self._grads = self.problem.batch_grads(self.theta)
         return self._grads
+
+    def summed_hvp(self, W: Tensor) -> Tensor:
+        """``sum_i H_i(theta) W[i]`` over every batch i (``W`` is ``(m, d)``)."""
+        self.grads  # noqa: B018 - builds the graph
+        if self._graph is None:
+            index = torch.arange(self.problem.num_batches, device=self.theta.device)
+            return self.problem.summed_hvp(self.theta, index, W)
+        leaf, G = self._graph
+        return torch.autograd.grad(G, leaf, grad_outputs=W, retain_graph=True)[0]
+
+    def summed_hvps(self, Ws: Tensor) -> Tensor:
+        """``sum_i H_i Ws[p, i]`` for every p (``Ws`` is ``(P, m, d)``): one batched backward."""
+        self.grads  # noqa: B018 - builds the graph
+        if self._graph is None:
+            return torch.stack([self.summed_hvp(W) for W in Ws])
+        leaf, G = self._graph
+        return torch.autograd.grad(
+            G, leaf, grad_outputs=Ws, retain_graph=True, is_grads_batched=True
+        )[0]
+
+    def hessian_moments(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(g, H g, Cov)`` with g = mean_i g_i and Cov = mean_i H_i g_i - H g (THEORY §4),
+        from two backward passes through the batch gradients' graph."""
+        G = self.grads
+        m = G.shape[0]
+        g = G.mean(0)
+        Hg = self.summed_hvp(g.expand_as(G) / m)
+        return g, Hg, self.summed_hvp(G / m) - Hg
 
     def sources(self, optimizer: Optimizer) -> list[Tensor]:
         """``G_l^i(theta)`` per variable: ``(m, d)``, or ``(1, d)`` for the PARAM source."""
@@ -142,6 +188,105 @@ class Probe:
         K = truncation_horizon(max(variables[l].beta for l in memory), tail_tol, n)
         start = n - K  # window of steps s = start..n-1 (k = n - s = K..1), plus s = n
         scales = optimizer.scales(np.arange(start, n + 1, dtype=np.float64))  # (L, K+1)
+        m = self.problem.num_batches
+        if optimizer.linear and hvp != "vmap" and K * m * m <= MAX_WINDOW_ELEMENTS:
+            return self._linear_correction(optimizer, sig, start, scales)
+        if m <= DENSE_MAX_BATCHES:
+            return self._dense_correction(optimizer, sig, start, scales, memory, hvp)
+        return self._streamed_correction(optimizer, sig, start, scales, memory, hvp)
+
+    def _dense_correction(
+        self,
+        optimizer: Optimizer,
+        sig: np.ndarray,
+        start: int,
+        scales: np.ndarray,
+        memory: list[int],
+        hvp: str,
+    ) -> Tensor:
+        """Eq. (9) when there are few distinct batches (m <= DENSE_MAX_BATCHES).
+
+        Every momentum row is a coefficient row times the stacked sources,
+        ``m_l^(s+1) = b_l^(s+1) C_l[s] @ G_l`` (C_l a first-order filter over the one-hot
+        batch indicators, float64 numpy), and ``w_l = B_l @ F`` with
+        ``B_l[i, s] = sum_{s' <= s, sigma(s') = i} beta_l^(n-s')`` (the suffix sums u_k folded
+        into the scatter): matrix products instead of a loop over steps.
+        """
+        theta = self.theta
+        n = sig.size - 1
+        K = n - start
+        variables = optimizer.variables
+        sources = self.sources(optimizer)
+        dtype, device = theta.dtype, theta.device
+
+        def tensor(a: np.ndarray) -> Tensor:
+            return torch.as_tensor(a, dtype=dtype, device=device)
+
+        coef: list[np.ndarray] = []  # (K+1, rows_l): row r is step s = start + r, scaled
+        gather: list[np.ndarray] = []  # which row of G_l step s uses
+        for l, v in enumerate(variables):
+            rows = sources[l].shape[0]
+            target = sig[start:] if v.source.uses_grad else np.zeros(K + 1, dtype=np.int64)
+            onehot = np.zeros((K + 1, rows))
+            onehot[np.arange(K + 1), target] = 1.0
+            c0 = _decay_weights(sig[:start], v.beta, rows, v.source)
+            C = lfilter([1.0], [1.0, -v.beta], onehot, axis=0, zi=v.beta * c0[None, :])[0]
+            coef.append(scales[l][:, None] * C)
+            gather.append(target)
+        B = {}
+        for l in memory:
+            E = np.zeros((K, sources[l].shape[0]))
+            E[np.arange(K), gather[l][:K]] = variables[l].beta ** (
+                n - np.arange(start, n, dtype=np.float64)
+            )
+            B[l] = np.cumsum(E, axis=0).T  # (rows_l, K)
+        W: list[Tensor | None] = [None] * len(variables)
+        for l in memory:
+            W[l] = torch.zeros_like(sources[l])
+        rows_per_block = max(1, MAX_WINDOW_ELEMENTS // (len(variables) * theta.numel()))
+        for r0 in range(0, K, rows_per_block):
+            r1 = min(K, r0 + rows_per_block)
+            F = optimizer.phi(
+                *(_rows(tensor, c[r0:r1], G) for c, G in zip(coef, sources, strict=True))
+            ).expand(r1 - r0, -1)  # every row may have been a broadcast single row
+            for l in memory:
+                W[l] += tensor(B[l][:, r0:r1]) @ F
+        m_last = [tensor(c[K]) @ G for c, G in zip(coef, sources, strict=True)]
+        return self._finish(optimizer, W, sig[start:n], scales[:, -1], m_last, hvp)
+
+    def _finish(
+        self,
+        optimizer: Optimizer,
+        W: list[Tensor | None],
+        window: np.ndarray,
+        b_n: np.ndarray,
+        m_last: list[Tensor],
+        hvp: str,
+    ) -> Tensor:
+        """``M = h dPhi(m^(n+1)) . (b_l^(n+1) z_l)_l`` with z_l = sum_i J[G_l^i] w_{l,i}."""
+        theta = self.theta
+        tangents = self._tangents(optimizer, W, window, hvp)
+        tangent_args = tuple(
+            float(b_n[l]) * t if t is not None else torch.zeros_like(theta)
+            for l, t in enumerate(tangents)
+        )
+        _, dphi = jvp(optimizer.phi, tuple(m_last), tangent_args)
+        return optimizer.lr * dphi
+
+    def _streamed_correction(
+        self,
+        optimizer: Optimizer,
+        sig: np.ndarray,
+        start: int,
+        scales: np.ndarray,
+        memory: list[int],
+        hvp: str,
+    ) -> Tensor:
+        """Eq. (9) for many distinct batches: an O(d) recurrence per step and variable,
+        streamed in blocks of steps (forward for the states, backward for the suffix sums)."""
+        theta = self.theta
+        n = sig.size - 1
+        variables = optimizer.variables
         sources = self.sources(optimizer)
         W = [torch.zeros_like(G) if l in memory else None for l, G in enumerate(sources)]
         suffix = torch.zeros_like(theta)  # sum of F^(s) over the rows already processed
@@ -189,14 +334,38 @@ class Probe:
                     0, torch.as_tensor(target, device=theta.device), weights[:, None] * U
                 )
         assert m_last is not None
-        tangents = self._tangents(optimizer, W, sig[start:n], hvp)
-        b_n = scales[:, -1]
-        tangent_args = tuple(
-            float(b_n[l]) * t if t is not None else torch.zeros_like(theta)
-            for l, t in enumerate(tangents)
-        )
-        _, dphi = jvp(optimizer.phi, tuple(m_last), tangent_args)
-        return optimizer.lr * dphi
+        return self._finish(optimizer, W, sig[start:n], scales[:, -1], m_last, hvp)
+
+    def _linear_correction(
+        self, optimizer: Optimizer, sig: np.ndarray, start: int, scales: np.ndarray
+    ) -> Tensor:
+        """Eq. (9) for optimizers linear in the g's (Phi = sum_l m_l, every source g).
+
+        Then F^(s) = sum_i f[s, i] g_i, u_k = sum_i U[k, i] g_i and w_{l,i} = sum_j A_l[i, j] g_j
+        with scalar coefficients (float64, numpy): the momentum sums are a first-order filter
+        over the one-hot batch indicators, u_k a suffix sum, w_{l,i} a scatter. So
+        M^(n) = h sum_i H_i W_i with W = (sum_l b_l^(n+1) A_l) @ G: one summed HVP.
+        """
+        m = self.problem.num_batches
+        n = sig.size - 1
+        K = n - start
+        onehot = np.zeros((K, m))
+        onehot[np.arange(K), sig[start:n]] = 1.0  # step s = start + r uses batch sig[s]
+        f = np.zeros((K, m))  # F^(s) = sum_i f[r, i] g_i
+        for l, v in enumerate(optimizer.variables):
+            c0 = _decay_weights(sig[:start], v.beta, m, v.source)
+            C = lfilter([1.0], [1.0, -v.beta], onehot, axis=0, zi=v.beta * c0[None, :])[0]
+            f += scales[l, :K, None] * C
+        U = np.cumsum(f[::-1], axis=0)[::-1]  # U[r] = coefficients of u_k, k = n - start - r
+        A = np.zeros((m, m))
+        k = n - np.arange(start, n)
+        for l, v in enumerate(optimizer.variables):
+            if v.beta > 0.0:
+                weights = v.beta ** k.astype(np.float64)  # beta_l^k for the step of row r
+                A += scales[l, K] * (onehot.T @ (weights[:, None] * U))
+        G = self.grads
+        W = torch.as_tensor(A, dtype=G.dtype, device=G.device) @ G  # (m, d)
+        return optimizer.lr * self.summed_hvp(W)
 
     def _initial_states(
         self, optimizer: Optimizer, sources: list[Tensor], sig: np.ndarray, start: int
@@ -248,29 +417,43 @@ class Probe:
                 out[l] = w.sum(0)
         if not grad_vars:
             return out
-        linear = all(
-            optimizer.variables[l].source in (Source.GRAD, Source.NEG_GRAD) for l in grad_vars
+        if hvp not in HVP_MODES:
+            raise ValueError(f"hvp={hvp!r} is not allowed; use one of {HVP_MODES}")
+        linear_in_g = (Source.GRAD, Source.NEG_GRAD)
+        if hvp == "double_backward" and any(
+            optimizer.variables[l].source not in linear_in_g for l in grad_vars
+        ):
+            raise ValueError(
+                "hvp='double_backward' needs sources linear in g; use 'vmap' or 'auto'"
+            )
+        summed = (
+            []
+            if hvp == "vmap"
+            else [l for l in grad_vars if optimizer.variables[l].source in linear_in_g]
         )
-        if hvp == "double_backward" or (hvp == "auto" and linear and len(grad_vars) == 1):
-            if not linear:
-                raise ValueError("hvp: 'double_backward' needs sources linear in g")
-            for l in grad_vars:
-                w = W[l]
-                assert w is not None
-                hw = self.problem.summed_hvp(theta, active, w[active])
-                out[l] = optimizer.variables[l].source.tangent(self.grads[0], hw, w.sum(0))
+        for l in summed:  # sum_i H_i w_i: one backward through the gradients' graph
+            w = W[l]
+            assert w is not None
+            out[l] = optimizer.variables[l].source.tangent(self.grads[0], self.summed_hvp(w), w)
+        batched = [l for l in grad_vars if l not in summed]
+        if not batched:
             return out
-        if hvp not in ("auto", "vmap"):
-            raise ValueError(f"hvp={hvp!r} is not allowed; use 'auto', 'vmap' or 'double_backward'")
-        index = active.repeat(len(grad_vars))
-        vectors = torch.cat([W[l][active] for l in grad_vars])  # type: ignore[index]
-        hv = self.problem.batch_hvps(theta, index, vectors).view(len(grad_vars), len(active), -1)
+        index = active.repeat(len(batched))
+        vectors = torch.cat([W[l][active] for l in batched])  # type: ignore[index]
+        hv = self.problem.batch_hvps(theta, index, vectors).view(len(batched), len(active), -1)
         g = self.grads[active]
-        for j, l in enumerate(grad_vars):
+        for j, l in enumerate(batched):
             w = W[l]
             assert w is not None
             out[l] = optimizer.variables[l].source.tangent(g, hv[j], w[active]).sum(0)
         return out
+
+
+def _rows(tensor: Callable[[np.ndarray], Tensor], coef: np.ndarray, G: Tensor) -> Tensor:
+    """``coef @ G``; a single source row with a constant coefficient stays one broadcast row."""
+    if G.shape[0] == 1 and np.all(coef == coef[0, 0]):
+        return float(coef[0, 0]) * G
+    return tensor(coef) @ G
 
 
 def _decay_weights(sig: np.ndarray, beta: float, num_rows: int, source: Source) -> np.ndarray:

@@ -37,10 +37,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.signal import lfilter
 from torch import Tensor, nn
 
 from noisemem.correction import TAIL_TOL, Probe, require_smooth
-from noisemem.noise import noise_direction, per_sample_problem
+from noisemem.noise import per_sample_problem
 from noisemem.optim import Optimizer, Source
 from noisemem.problem import Batch, LossFn, Problem, as_problem
 from noisemem.stats import Moments
@@ -95,34 +96,34 @@ def sample_run(
 
 
 def pair_coefficients(optimizer: Optimizer, step: int, num_batches: int) -> dict[str, float]:
-    """C_same, C_epoch, C_cross of the module docstring, exact, in float64.
+    """C_same, C_epoch, C_cross of the module docstring, exact, in float64, in O(n L).
 
-    kappa is evaluated in row blocks: d(a) sum_l beta_l^(t-c) R_l(t) with t = max(a, c) and
-    R_l(t) = sum_{s=t..n-1} b_l^(s+1) beta_l^(s-t) (no negative powers, so no overflow).
+    With t = max(a, c) and R_l(t) = sum_{s=t..n-1} b_l^(s+1) beta_l^(s-t),
+    kappa(a, c) = d(a) sum_l beta_l^(t-c) R_l(t). For c <= a this is d(a) sum_l beta_l^(a-c)
+    R_l(a), a geometric sum over c; for c > a it is d(a) sum_l R_l(c), a difference of prefix
+    sums of R_l. Epoch e holds positions [e m, (e+1) m).
     """
     n, m = step, num_batches
     if n == 0:
         return {"same": 0.0, "epoch": 0.0, "cross": 0.0}
-    betas = np.array([v.beta for v in optimizer.variables])
+    betas = [v.beta for v in optimizer.variables]
     b = optimizer.scales(np.arange(n + 1, dtype=np.float64))  # (L, n+1)
-    R = np.zeros((len(betas), n + 1))  # R[:, n] = 0
-    for t in range(n - 1, -1, -1):
-        R[:, t] = b[:, t] + betas * R[:, t + 1]
-    pos = np.arange(n)
-    d = (b[:, n][:, None] * betas[:, None] ** (n - pos)[None, :]).sum(0)  # (n,)
-    epoch = pos // m
-    same = epoch_sum = total = 0.0
-    rows = max(1, (1 << 22) // n)
-    for a0 in range(0, n, rows):
-        a = pos[a0 : a0 + rows]
-        t = np.maximum(a[:, None], pos[None, :])  # (rows, n)
-        f_sum = sum(betas[l] ** (t - pos[None, :]) * R[l][t] for l in range(len(betas)))
-        kappa = d[a][:, None] * f_sum
-        total += kappa.sum()
-        same += kappa[np.arange(len(a)), a].sum()
-        epoch_sum += kappa[epoch[a][:, None] == epoch[None, :]].sum()
-    epoch_only = epoch_sum - same
-    return {"same": same, "epoch": epoch_only, "cross": total - epoch_sum}
+    a = np.arange(n, dtype=np.float64)
+    first = (a // m) * m  # first position of a's epoch
+    last = np.minimum(first + m - 1, n - 1)  # last position of a's epoch before n
+    d = sum(b[l, n] * beta ** (n - a) for l, beta in enumerate(betas))  # dF^(n)/dtheta^(a)
+    same = epoch = total = 0.0
+    for l, beta in enumerate(betas):
+        R = lfilter([1.0], [1.0, -beta], b[l, :n][::-1])[::-1]  # R[t] = b + beta R[t+1]
+        prefix = np.concatenate([[0.0], np.cumsum(R)])  # prefix[j] = sum_{c<j} R(c)
+        upto_epoch = (1 - beta ** (a - first + 1)) / (1 - beta)  # sum beta^(a-c), c in [first, a]
+        upto_all = (1 - beta ** (a + 1)) / (1 - beta)  # c in [0, a]
+        after_epoch = prefix[last.astype(int) + 1] - prefix[a.astype(int) + 1]  # c in (a, last]
+        after_all = prefix[n] - prefix[a.astype(int) + 1]  # c in (a, n-1]
+        same += float((d * R).sum())
+        epoch += float((d * (R * upto_epoch + after_epoch)).sum())
+        total += float((d * (R * upto_all + after_all)).sum())
+    return {"same": same, "epoch": epoch - same, "cross": total - epoch}
 
 
 def _check_expectation_args(
@@ -182,13 +183,11 @@ def exact_expectation(
     """The exact E[M^(n)] for a linear optimizer (module docstring)."""
     if not all(v.source is Source.GRAD for v in optimizer.variables):
         raise ValueError(f"optimizer: {optimizer.name} is not linear in the gradients")
-    theta = problem.theta
     C = pair_coefficients(optimizer, step, problem.num_batches)
     s_same, s_diff = noise_scales(sampling, problem.num_batches, problem.batch_size)
-    g = problem.full_grad(theta)
-    Hg = problem.full_hvp(theta, g)
-    noise_problem = per_sample_problem(problem) if sampling == "reshuffle" else problem
-    V = noise_direction(noise_problem, theta)
+    _, Hg, V = Probe(problem).hessian_moments()
+    if sampling == "reshuffle":
+        V = Probe(per_sample_problem(problem)).hessian_moments()[2]
     c_full = C["same"] + C["epoch"] + C["cross"]
     c_noise = C["same"] * s_same + C["epoch"] * s_diff
     full_part = optimizer.lr * c_full * Hg

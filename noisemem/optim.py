@@ -211,8 +211,11 @@ class Nesterov(Optimizer):
         return m[0] + m[1]
 
 
-def _adam_denominator(m2: Tensor, eps: float, eps_in_sqrt: bool) -> Tensor:
-    return torch.sqrt(m2 + eps) if eps_in_sqrt else torch.sqrt(m2) + eps
+def _adam_step(m1: Tensor, m2: Tensor, m3: Tensor, eps: float, eps_in_sqrt: bool) -> Tensor:
+    """``m1/sqrt(m2 + eps) + m3`` (eps inside) or ``m1/(sqrt(m2) + eps) + m3`` (outside)."""
+    if eps_in_sqrt:
+        return torch.addcmul(m3, m1, torch.rsqrt(m2 + eps))
+    return torch.addcdiv(m3, m1, torch.sqrt(m2) + eps)
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,7 @@ class AdamW(Optimizer):
         )
 
     def phi(self, *m: Tensor) -> Tensor:
-        return m[0] / _adam_denominator(m[1], self.eps, self.eps_in_sqrt) + m[2]
+        return _adam_step(m[0], m[1], m[2], self.eps, self.eps_in_sqrt)
 
 
 @dataclass(frozen=True)
@@ -326,7 +329,7 @@ class NAdamW(Optimizer):
         )
 
     def phi(self, *m: Tensor) -> Tensor:
-        return (m[0] + m[3]) / _adam_denominator(m[1], self.eps, self.eps_in_sqrt) + m[2]
+        return _adam_step(m[0] + m[3], m[1], m[2], self.eps, self.eps_in_sqrt)
 
 
 @dataclass(frozen=True)

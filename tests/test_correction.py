@@ -73,15 +73,45 @@ def test_double_backward_refuses_nonlinear_sources():
         )
 
 
+PATHS = [
+    (opt, path)
+    for opt in sorted(OPTIMIZERS)
+    for path in ("linear", "dense", "streamed")
+    if path != "linear" or OPTIMIZERS[opt].linear
+]
+
+
+@pytest.mark.parametrize("opt, path", PATHS, ids=[f"{o}-{p}" for o, p in PATHS])
+def test_every_evaluation_path_matches_literal_eq9(monkeypatch, opt, path):
+    """linear: scalar coefficients + one summed HVP (heavy ball, Nesterov); dense: coefficient
+    matrices times stacked sources; streamed: a recurrence per step (many distinct batches)."""
+    optimizer = OPTIMIZERS[opt]
+    hvp = "auto" if path == "linear" else "vmap"
+    if path == "streamed":
+        monkeypatch.setattr(correction, "DENSE_MAX_BATCHES", 0)
+    tiny = make_tiny("gelu_mlp")
+    seq = SEQUENCES["two_epochs"] + SEQUENCES["repeats"]
+    ours = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, hvp=hvp)
+    literal = literal_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, tiny.theta)
+    assert rel_err(ours, literal) < 1e-9
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "streamed"])
 @pytest.mark.parametrize("opt", ["heavy_ball", "adamw_eps_in_sqrt"])
-def test_blocked_window_equals_single_block(monkeypatch, opt):
+def test_blocked_window_equals_single_block(monkeypatch, opt, dense):
     """Long windows are streamed in blocks (two passes); the result must not change."""
     tiny = make_tiny("gelu_mlp")
     seq = SEQUENCES["two_epochs"] * 2
-    whole = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq)
+    whole = memory_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, hvp="vmap"
+    )
     d = tiny.theta.numel()
+    if not dense:
+        monkeypatch.setattr(correction, "DENSE_MAX_BATCHES", 0)
     monkeypatch.setattr(correction, "MAX_WINDOW_ELEMENTS", 3 * 3 * d)  # 3 rows per block
-    blocked = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq)
+    blocked = memory_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, hvp="vmap"
+    )
     literal = literal_correction(
         tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, tiny.theta
     )
