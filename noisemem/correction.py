@@ -12,10 +12,14 @@ since ``J[G_l^i]`` only depends on the batch i, the k's are grouped by the batch
     w_{l,i} = sum_{k: sigma(n-k)=i} beta_l^k u_k,
     M^(n)   = h * sum_l dPhi/dm_l(m^(n+1)) . b_l^(n+1) sum_i J[G_l^i](theta) w_{l,i}.
 
-Cost: one pass over the window of steps (an O(d) recurrence per step and momentum variable,
-Phi and suffix sums vectorised over the window), then at most one Hessian-vector product per
-distinct batch and momentum variable -- all in one vmapped call (or, for sources linear in g,
-one double backward ``grad_theta sum_i <g_i, w_i>``) -- and one JVP of Phi.
+Cost: the batch gradients g_i (one vmapped call, graph kept); the momentum rows of the
+window of steps (matrix products of float64 coefficients with the stacked sources, or an
+O(d) recurrence per step when there are many distinct batches); Phi and the suffix sums,
+vectorised; then at most one Hessian-vector product per distinct batch and momentum variable,
+all of a variable's in one backward pass through the gradients' graph (each batch has its own
+copy of theta, so the H_i w_{l,i} come out separately; for heavy ball this is
+``grad_theta sum_i <g_i, w_i>``); and one JVP of Phi. Optimizers linear in the g's reduce to
+scalar coefficients and a single summed HVP.
 
 Tail truncation (``tail_tol``): terms with k > K are dropped, K the smallest integer with
 
@@ -104,33 +108,30 @@ class Probe:
     def grads(self) -> Tensor:
         if self._grads is None:
             if self.keep_graph:
-                leaf = self.theta.clone().requires_grad_(True)
+                # one leaf copy of theta per batch: G_i depends on its own copy only, so a
+                # backward pass with cotangents W returns every H_i W[i] separately
+                m = self.problem.num_batches
+                leaf = self.theta.expand(m, -1).clone().requires_grad_(True)
                 with torch.enable_grad():
-                    G = self.problem.batch_grads(leaf)
+                    G = self.problem.batch_grads_at(leaf)
                 self._graph = (leaf, G)
                 self._grads = G.detach()
             else:
                 self._grads = self.problem.batch_grads(self.theta)
         return self._grads
 
-    def summed_hvp(self, W: Tensor) -> Tensor:
-        """``sum_i H_i(theta) W[i]`` over every batch i (``W`` is ``(m, d)``)."""
+    def batch_hvps(self, W: Tensor) -> Tensor:
+        """``H_i(theta) W[i]`` for every batch i (``W`` and the result are ``(m, d)``)."""
         self.grads  # noqa: B018 - builds the graph
         if self._graph is None:
             index = torch.arange(self.problem.num_batches, device=self.theta.device)
-            return self.problem.summed_hvp(self.theta, index, W)
+            return self.problem.batch_hvps(self.theta, index, W)
         leaf, G = self._graph
         return torch.autograd.grad(G, leaf, grad_outputs=W, retain_graph=True)[0]
 
-    def summed_hvps(self, Ws: Tensor) -> Tensor:
-        """``sum_i H_i Ws[p, i]`` for every p (``Ws`` is ``(P, m, d)``): one batched backward."""
-        self.grads  # noqa: B018 - builds the graph
-        if self._graph is None:
-            return torch.stack([self.summed_hvp(W) for W in Ws])
-        leaf, G = self._graph
-        return torch.autograd.grad(
-            G, leaf, grad_outputs=Ws, retain_graph=True, is_grads_batched=True
-        )[0]
+    def summed_hvp(self, W: Tensor) -> Tensor:
+        """``sum_i H_i(theta) W[i]`` over every batch i (``W`` is ``(m, d)``)."""
+        return self.batch_hvps(W).sum(0)
 
     def hessian_moments(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(g, H g, Cov)`` with g = mean_i g_i and Cov = mean_i H_i g_i - H g (THEORY §4),
@@ -178,6 +179,8 @@ class Probe:
     ) -> Tensor:
         """``M^(n)(theta)`` of Eq. (9) for ``sequence`` (n = len(sequence) - 1)."""
         require_smooth(optimizer)
+        if hvp not in HVP_MODES:
+            raise ValueError(f"hvp={hvp!r} is not allowed; use one of {HVP_MODES}")
         sig = np.asarray(sequence, dtype=np.int64)
         n = sig.size - 1
         theta = self.theta
@@ -417,35 +420,23 @@ class Probe:
                 out[l] = w.sum(0)
         if not grad_vars:
             return out
-        if hvp not in HVP_MODES:
-            raise ValueError(f"hvp={hvp!r} is not allowed; use one of {HVP_MODES}")
-        linear_in_g = (Source.GRAD, Source.NEG_GRAD)
-        if hvp == "double_backward" and any(
-            optimizer.variables[l].source not in linear_in_g for l in grad_vars
-        ):
-            raise ValueError(
-                "hvp='double_backward' needs sources linear in g; use 'vmap' or 'auto'"
+        g = self.grads
+        if hvp == "vmap" or not self.keep_graph:  # one vmapped forward-over-reverse call
+            index = active.repeat(len(grad_vars))
+            vectors = torch.cat([W[l][active] for l in grad_vars])  # type: ignore[index]
+            hv = self.problem.batch_hvps(theta, index, vectors).view(
+                len(grad_vars), len(active), -1
             )
-        summed = (
-            []
-            if hvp == "vmap"
-            else [l for l in grad_vars if optimizer.variables[l].source in linear_in_g]
-        )
-        for l in summed:  # sum_i H_i w_i: one backward through the gradients' graph
-            w = W[l]
-            assert w is not None
-            out[l] = optimizer.variables[l].source.tangent(self.grads[0], self.summed_hvp(w), w)
-        batched = [l for l in grad_vars if l not in summed]
-        if not batched:
+            for j, l in enumerate(grad_vars):
+                w = W[l]
+                assert w is not None
+                source = optimizer.variables[l].source
+                out[l] = source.tangent(g[active], hv[j], w[active]).sum(0)
             return out
-        index = active.repeat(len(batched))
-        vectors = torch.cat([W[l][active] for l in batched])  # type: ignore[index]
-        hv = self.problem.batch_hvps(theta, index, vectors).view(len(batched), len(active), -1)
-        g = self.grads[active]
-        for j, l in enumerate(batched):
+        for l in grad_vars:  # one backward through the batch gradients' graph per variable
             w = W[l]
             assert w is not None
-            out[l] = optimizer.variables[l].source.tangent(g, hv[j], w[active]).sum(0)
+            out[l] = optimizer.variables[l].source.tangent(g, self.batch_hvps(w), w).sum(0)
         return out
 
 
@@ -481,9 +472,11 @@ def memory_correction(
     ``sequence[j]`` is the index of the batch used at iteration j (any length: several
     epochs, repeated batches). Returns a flat ``(d,)`` tensor in
     ``parameters_to_vector(model.parameters())`` order, on the parameters' device and dtype.
-    ``hvp`` picks how the Hessian-vector products are taken: ``"vmap"`` (one vmapped
-    forward-over-reverse call over every (batch, variable) pair), ``"double_backward"``
-    (one ``grad_theta sum_i <g_i, w_i>``, sources linear in g only) or ``"auto"``.
+    ``hvp`` picks how the Hessian-vector products are taken: ``"double_backward"`` (the
+    default, also ``"auto"``: one backward pass per momentum variable through the graph of
+    the batch gradients, each batch holding its own copy of theta so that every ``H_i w_i``
+    comes out separately) or ``"vmap"`` (one vmapped forward-over-reverse call over every
+    (batch, variable) pair).
     """
     problem = as_problem(model, loss_fn, batches)
     seq = check_sequence(sequence, problem.num_batches)

@@ -82,6 +82,10 @@ class Problem:
         X, Y = (self.X, self.Y) if index is None else (self.X[index], self.Y[index])
         return vmap(grad(self.loss), in_dims=(None, 0, 0))(theta, X, Y)
 
+    def batch_grads_at(self, thetas: Tensor) -> Tensor:
+        """``g_i(thetas[i])`` for every batch i, each at its own parameters: ``(m, d)``."""
+        return vmap(grad(self.loss))(thetas, self.X, self.Y)
+
     def full_grad(self, theta: Tensor) -> Tensor:
         """``g = grad L``: ``(d,)``."""
         return grad(self.full_loss)(theta)
