@@ -138,6 +138,11 @@ def full_batch_correction(
         raise ValueError(
             f"step={step!r} is not allowed; step must be None (the limit) or an int >= 0"
         )
+    return full_batch_prediction(problem, optimizer, None if step is None else int(step))
+
+
+def full_batch_prediction(problem: Problem, optimizer: Optimizer, step: int | None) -> Tensor:
+    """:func:`full_batch_correction` at ``problem.theta`` (arguments already checked)."""
     if isinstance(optimizer, HeavyBall):
         c = heavy_ball_coefficient(optimizer.beta, step)
     elif isinstance(optimizer, Nesterov):
@@ -145,8 +150,9 @@ def full_batch_correction(
     elif (
         isinstance(optimizer, NAdamW) and optimizer.momentum_decay is not None and step is not None
     ):
-        full = Problem(model, loss_fn, [(problem.X.flatten(0, 1), problem.Y.flatten(0, 1))])
-        return Probe(full).memory_correction(optimizer, [0] * (int(step) + 1), tail_tol=0.0)
+        data = [(problem.X.flatten(0, 1), problem.Y.flatten(0, 1))]
+        full = Problem(problem.model, problem.loss_fn, data).at(problem.theta)
+        return Probe(full).memory_correction(optimizer, [0] * (step + 1), tail_tol=0.0)
     elif isinstance(optimizer, AdamW | NAdamW):
         return _adam_family(problem, optimizer, step)
     elif isinstance(optimizer, Lion):

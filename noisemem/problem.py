@@ -8,6 +8,7 @@ Mini-batch loss ``L_i`` is the **mean** loss over batch ``i``; the full loss is
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,6 +53,12 @@ class Problem:
         self.Y = self.Y.to(device)
         if self.X.is_floating_point():
             self.X = self.X.to(dtype)
+
+    def at(self, theta: Tensor) -> Problem:
+        """The same problem viewed at other flat parameters (data shared, nothing copied)."""
+        other = copy.copy(self)
+        other.theta = theta.detach()
+        return other
 
     @property
     def num_batches(self) -> int:

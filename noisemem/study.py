@@ -1,0 +1,408 @@
+"""The work of a study, with no Ray inside: what one actor does with one chunk.
+
+A chunk is a range of permutation indices of one config. Its runs are trained at once as a
+vmapped ensemble (one parameter vector per permutation, same initialisation): at step j,
+run p uses the batch its own order gives it. Batch orders come from
+``sample_run(sampling, m, b, steps, spec.seed, p)``, so a permutation's results depend on the
+spec and its index only, never on the chunking or on which worker ran it; every config sees
+the same orders (common random numbers).
+
+Probe points (where Eq. (9) is evaluated, at the end of every epoch e, n = e m - 1):
+
+* ``init`` and ``ref<s>``: fixed parameters (the initialisation; step s of the full-batch
+  reference run of the same optimizer). M_p is Eq. (9) at those parameters for run p's order,
+  so the mean over p estimates E[M] there; the exact expectation and the full-batch
+  prediction at the same point are in the ``predictions`` table.
+* ``epoch``: each run's own parameters after epoch e, with its own history; each correction
+  row carries its comparison with the full-batch prediction and the noise direction there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from noisemem.correction import Probe
+from noisemem.data import DataInfo, split_batches
+from noisemem.expectation import SampledRun, exact_expectation, sample_run, sampled_correction
+from noisemem.full_batch import full_batch_prediction
+from noisemem.models import build_model, initial_parameters
+from noisemem.optim import Optimizer
+from noisemem.problem import Problem
+from noisemem.spec import Config, StudySpec
+from noisemem.stats import Moments
+from noisemem.trajectory import trajectories
+
+
+def versions() -> str:
+    import pyarrow
+    import ray
+
+    return json.dumps(
+        {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "numpy": np.__version__,
+            "pyarrow": pyarrow.__version__,
+        }
+    )
+
+
+@dataclass
+class Context:
+    """Data, model and batches of a study on one device (built once per actor)."""
+
+    spec: StudySpec
+    x: Tensor
+    y: Tensor
+    info: DataInfo
+    model: nn.Module
+    problem: Problem
+    device: str
+    _references: dict[str, dict[int, Tensor | None]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, spec: StudySpec, x: Tensor, y: Tensor, info: DataInfo, device: str = "cpu"
+    ) -> Context:
+        dtype = torch.float64 if spec.runtime.dtype == "float64" else torch.float32
+        model = build_model(
+            spec.model.kind,
+            inputs=info.num_features,
+            classes=info.num_classes,
+            hidden=spec.model.hidden,
+            image_shape=info.image_shape,
+            kwargs=spec.model.kwargs,
+        )
+        model = initial_parameters(model, spec.seed).to(device=device, dtype=dtype)
+        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        batches = split_batches(x, y, spec.training.batch_size)
+        problem = Problem(model, nn.functional.cross_entropy, batches)
+        return cls(spec, x, y, info, model, problem, device)
+
+    @property
+    def m(self) -> int:
+        return self.problem.num_batches
+
+    @property
+    def steps(self) -> int:
+        return self.spec.training.epochs * self.m
+
+    def run(self, p: int) -> SampledRun:
+        t = self.spec.training
+        return sample_run(t.sampling, self.m, t.batch_size, self.steps, self.spec.seed, p)
+
+    def references(self, config: Config) -> dict[int, Tensor | None]:
+        """theta at the spec's reference steps of the full-batch run (None if it diverged)."""
+        if config.id not in self._references:
+            wanted = self.spec.probes.reference_steps
+            out: dict[int, Tensor | None] = {}
+            if wanted:
+                full = Problem(self.model, self.problem.loss_fn, [(self.x, self.y)])
+                opt = config.optimizer
+                theta = full.theta.clone()
+                state = opt.init(theta)
+                for s in range(1, max(wanted) + 1):
+                    F, state = opt.update(full.full_grad(theta), state, theta)
+                    theta = theta - opt.lr * F
+                    if s in wanted:
+                        out[s] = theta.clone() if bool(torch.isfinite(theta).all()) else None
+            self._references[config.id] = out
+        return self._references[config.id]
+
+    def fixed_probes(self, config: Config) -> dict[str, Tensor | None]:
+        probes: dict[str, Tensor | None] = {}
+        if self.spec.probes.init:
+            probes["init"] = self.problem.theta
+        for s, theta in self.references(config).items():
+            probes[f"ref{s}"] = theta
+        return probes
+
+    def probe_steps(self) -> list[int]:
+        return [e * self.m - 1 for e in range(1, self.spec.training.epochs + 1)]
+
+
+@dataclass
+class Ensemble:
+    """A trained chunk: per-run metrics, divergence and the parameters after each epoch."""
+
+    loss: Tensor  # (steps, P)
+    accuracy: Tensor
+    grad_norm: Tensor
+    batch: np.ndarray  # (steps, P) batch index (sample-batch row for reshuffle)
+    diverged_at: list[int | None]
+    epoch_thetas: list[Tensor]  # per epoch, (P, d)
+
+
+def _loss_and_accuracy(
+    model: nn.Module, problem: Problem, theta: Tensor, x: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor]:
+    out = functional_call(model, (problem.unflatten(theta), problem.buffers), (x,))
+    loss = problem.loss_fn(out, y)
+    return loss, (out.argmax(-1) == y).to(out.dtype).mean()
+
+
+def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun]) -> Ensemble:
+    """The memoryful runs of ``runs`` trained at once (vmap over runs), same initial theta."""
+    P = len(runs)
+    problem = ctx.problem
+    theta = problem.theta.expand(P, -1).clone()  # (P, d)
+    state = optimizer.init(theta)
+    X_all = problem.X.flatten(0, 1)  # (N', f): the samples kept by the batch split
+    Y_all = problem.Y.flatten(0, 1)
+
+    def loss_fn(t: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return _loss_and_accuracy(ctx.model, problem, t, x, y)
+
+    step_fn = vmap(grad(loss_fn, has_aux=True), in_dims=(0, 0, 0))
+    value_fn = vmap(loss_fn, in_dims=(0, 0, 0))
+    steps = ctx.steps
+    losses = torch.empty(steps, P, dtype=theta.dtype, device=theta.device)
+    accs, norms = torch.empty_like(losses), torch.empty_like(losses)
+    batch_idx = np.zeros((steps, P), dtype=np.int64)
+    diverged: list[int | None] = [None] * P
+    epoch_thetas = []
+    for j in range(steps):
+        if runs[0].batches is None:
+            idx = torch.as_tensor([r.sequence[j] for r in runs], device=theta.device)
+            xj, yj = problem.X[idx], problem.Y[idx]  # (P, b, ...)
+            batch_idx[j] = idx.cpu().numpy()
+        else:
+            rows = torch.as_tensor(np.stack([r.batches[j] for r in runs]), device=theta.device)
+            xj, yj = X_all[rows], Y_all[rows]
+            batch_idx[j] = j
+        g, _ = step_fn(theta, xj, yj)
+        loss, acc = value_fn(theta, xj, yj)
+        losses[j], accs[j], norms[j] = loss, acc, g.norm(dim=1)
+        F, state = optimizer.update(g, state, theta)
+        theta = theta - optimizer.lr * F
+        bad = ~torch.isfinite(theta).all(dim=1)
+        for p in torch.nonzero(bad).flatten().tolist():
+            if diverged[p] is None:
+                diverged[p] = j + 1
+        if (j + 1) % ctx.m == 0:
+            epoch_thetas.append(theta.clone())
+    return Ensemble(losses, accs, norms, batch_idx, diverged, epoch_thetas)
+
+
+def _cos(a: Tensor, b: Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else math.nan
+
+
+def _comparison(M: Tensor, full_batch: Tensor, noise: Tensor) -> dict[str, float]:
+    fb = float(full_batch.norm())
+    return {
+        "norm": float(M.norm()),
+        "linf": float(M.abs().max()),
+        "full_batch_norm": fb,
+        "proj_full_batch": float(M @ full_batch) / fb**2 if fb > 0 else math.nan,
+        "cos_full_batch": _cos(M, full_batch),
+        "cos_noise": _cos(M, noise),
+    }
+
+
+def _prefix(run: SampledRun, steps: int) -> SampledRun:
+    return SampledRun(run.sequence[:steps], None if run.batches is None else run.batches[:steps])
+
+
+def run_chunk(
+    ctx: Context, config: Config, chunk: int, worker: str = "local"
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows of ``runs``, ``steps``, ``corrections`` and ``moments`` for one chunk."""
+    spec, opt = ctx.spec, config.optimizer
+    indices = list(spec.chunk_indices(chunk))
+    t0 = time.perf_counter()
+    runs = [ctx.run(p) for p in indices]
+    ens = train_ensemble(ctx, opt, runs)
+    statuses = ["ok" if d is None else "diverged" for d in ens.diverged_at]
+    corrections: list[dict[str, Any]] = []
+    moments: list[dict[str, Any]] = []
+    steps_of = ctx.probe_steps()
+    with_vectors = spec.record.vectors
+
+    def record(probe: str, n: int, p: int, M: Tensor, fb: Tensor, noise: Tensor) -> None:
+        row = {"config": config.id, "permutation": p, "probe": probe, "step": n}
+        row.update(_comparison(M, fb, noise))
+        row["vector"] = M.double().cpu().tolist() if with_vectors else None
+        corrections.append(row)
+
+    def add_moments(probe: str, n: int, acc: Moments) -> None:
+        moments.append(
+            {
+                "config": config.id,
+                "probe": probe,
+                "step": n,
+                "chunk": chunk,
+                "count": acc.count,
+                "sum": acc.total.tolist(),
+                "sum_sq": acc.squares.tolist(),
+            }
+        )
+
+    d = ctx.problem.theta.numel()
+    for name, theta in ctx.fixed_probes(config).items():
+        if theta is None:  # the reference run diverged before this step
+            continue
+        at = ctx.problem.at(theta)
+        probe = Probe(at)
+        _, _, noise = probe.hessian_moments()
+        for n in steps_of:
+            fb = full_batch_prediction(at, opt, n)
+            acc = Moments.empty(d)
+            for p, run in zip(indices, runs, strict=True):
+                M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
+                if bool(torch.isfinite(M).all()):
+                    acc.add(M)
+                record(name, n, p, M, fb, noise)
+            add_moments(name, n, acc)
+    if spec.probes.epoch_end:
+        for e, n in enumerate(steps_of):
+            acc = Moments.empty(d)
+            for j, (p, run) in enumerate(zip(indices, runs, strict=True)):
+                div = ens.diverged_at[j]
+                if div is not None and div <= n + 1:
+                    continue
+                at = ctx.problem.at(ens.epoch_thetas[e][j])
+                probe = Probe(at)
+                _, _, noise = probe.hessian_moments()
+                M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
+                fb = full_batch_prediction(at, opt, n)
+                if bool(torch.isfinite(M).all()):
+                    acc.add(M)
+                record("epoch", n, p, M, fb, noise)
+            add_moments("epoch", n, acc)
+
+    linf: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if spec.record.memoryless and spec.training.sampling != "reshuffle":
+        for j, (p, run) in enumerate(zip(indices, runs, strict=True)):
+            if ens.diverged_at[j] is None:
+                tr = trajectories(ctx.model, ctx.problem.loss_fn, ctx.problem, opt, run.sequence)
+                linf[p] = (tr.linf_first[1:].cpu().numpy(), tr.linf_second[1:].cpu().numpy())
+    step_rows: list[dict[str, Any]] = []
+    if spec.record.steps:
+        loss, accuracy, gnorm = (
+            t.double().cpu().numpy() for t in (ens.loss, ens.accuracy, ens.grad_norm)
+        )
+        for j, p in enumerate(indices):
+            first, second = linf.get(p, (None, None))
+            for s in range(ctx.steps):
+                step_rows.append(
+                    {
+                        "config": config.id,
+                        "permutation": p,
+                        "step": s,
+                        "epoch": s // ctx.m,
+                        "batch": int(ens.batch[s, j]),
+                        "loss": float(loss[s, j]),
+                        "accuracy": float(accuracy[s, j]),
+                        "grad_norm": float(gnorm[s, j]),
+                        "linf_first": None if first is None else float(first[s]),
+                        "linf_second": None if second is None else float(second[s]),
+                    }
+                )
+    seconds = (time.perf_counter() - t0) / max(len(indices), 1)
+    run_rows = [
+        {
+            "study": spec.name,
+            "config": config.id,
+            "chunk": chunk,
+            "permutation": p,
+            "seed": spec.seed,
+            "optimizer": opt.name,
+            "hyperparameters": json.dumps(config.hyperparameters, sort_keys=True),
+            "lr": opt.lr,
+            "batch_size": spec.training.batch_size,
+            "epochs": spec.training.epochs,
+            "sampling": spec.training.sampling,
+            "status": status,
+            "error": None,
+            "diverged_at": ens.diverged_at[j],
+            "seconds": seconds,
+            "worker": worker,
+            "device": ctx.device,
+            "versions": versions(),
+        }
+        for j, (p, status) in enumerate(zip(indices, statuses, strict=True))
+    ]
+    return {"runs": run_rows, "steps": step_rows, "corrections": corrections, "moments": moments}
+
+
+def failed_chunk_rows(
+    spec: StudySpec, config: Config, chunk: int, error: str, worker: str
+) -> list[dict[str, Any]]:
+    """``runs`` rows recording that a chunk failed (kept, so nothing is silently lost)."""
+    opt = config.optimizer
+    return [
+        {
+            "study": spec.name,
+            "config": config.id,
+            "chunk": chunk,
+            "permutation": p,
+            "seed": spec.seed,
+            "optimizer": opt.name,
+            "hyperparameters": json.dumps(config.hyperparameters, sort_keys=True),
+            "lr": opt.lr,
+            "batch_size": spec.training.batch_size,
+            "epochs": spec.training.epochs,
+            "sampling": spec.training.sampling,
+            "status": "failed",
+            "error": error,
+            "diverged_at": None,
+            "seconds": None,
+            "worker": worker,
+            "device": None,
+            "versions": versions(),
+        }
+        for p in spec.chunk_indices(chunk)
+    ]
+
+
+def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
+    """Rows of ``predictions`` for every fixed probe and probe step of ``config``."""
+    opt = config.optimizer
+    rows: list[dict[str, Any]] = []
+
+    def add(probe: str, n: int | None, kind: str, v: Tensor, coef: dict[str, float]) -> None:
+        rows.append(
+            {
+                "config": config.id,
+                "probe": probe,
+                "step": -1 if n is None else n,
+                "kind": kind,
+                "norm": float(v.norm()),
+                "coefficients": json.dumps(coef),
+                "vector": v.double().cpu().tolist(),
+            }
+        )
+
+    for name, theta in ctx.fixed_probes(config).items():
+        if theta is None:
+            continue
+        at = ctx.problem.at(theta)
+        _, _, cov = Probe(at).hessian_moments()
+        add(name, None, "noise_direction", cov, {})
+        add(name, None, "full_batch_limit", full_batch_prediction(at, opt, None), {})
+        for n in ctx.probe_steps():
+            add(name, n, "full_batch", full_batch_prediction(at, opt, n), {})
+            if opt.linear:
+                ex = exact_expectation(
+                    at, opt, ctx.spec.training.sampling, n, ctx.spec.training.epochs
+                )
+                coef = dict(ex.coefficients or {})
+                assert ex.full_batch_part is not None and ex.noise_part is not None
+                add(name, n, "exact_mean", ex.mean, coef)
+                add(name, n, "exact_full_batch_part", ex.full_batch_part, coef)
+                add(name, n, "exact_noise_part", ex.noise_part, coef)
+    return rows
