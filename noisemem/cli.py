@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from noisemem.spec import SpecError, StudySpec
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("spec")
     run.add_argument("--actors", type=int, default=None, help="override runtime.actors")
     run.add_argument("--output", default=None, help="override the spec's output location")
+    run.add_argument("--report-dir", default="out/reports", help="where report.md goes")
     status = sub.add_parser("status", help="what a study store holds")
     status.add_argument("path")
     show = sub.add_parser("show", help="print a study's comparison table")
@@ -45,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         path = handle.wait()
         print(comparison(path))
-        print(f"\nstore: {path}")
+        from analysis.study_report import write_report
+        from noisemem.store import load
+
+        report = write_report(load(path), Path(args.report_dir) / spec.name)
+        print(f"\nstore: {path}\nreport: {report.resolve()}")
         return 0
     if args.command == "status":
         from noisemem.store import load

@@ -60,3 +60,19 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     scale = float(b.norm())
     diff = float((a - b).norm())
     return diff / scale if scale > 0 else diff
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray instance for the whole session (2 CPUs), temp files contained."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="nmray", dir="/tmp")  # short: Ray's socket paths are limited
+    os.environ["RAY_TMPDIR"] = temp
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""Study specs: loading, grids, and errors that name the field before any work starts."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from noisemem.optim import AdamW, HeavyBall
+from noisemem.spec import SpecError, StudySpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "name": "t",
+    "output": "/tmp/noisemem-test-spec",
+    "data": {"source": "digits"},
+    "model": {"kind": "gelu_mlp", "hidden": 8},
+    "optimizers": [
+        {"kind": "HeavyBall", "lr": 0.1, "beta": [0.5, 0.9]},
+        {"kind": "AdamW", "lr": 1e-3, "beta1": 0.9, "beta2": [0.99, 0.999], "eps": 1e-8},
+    ],
+    "training": {"batch_size": 32, "epochs": 2, "permutations": 10, "chunk_size": 4},
+}
+
+
+def with_(path: str, value: object) -> dict:
+    raw = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
+    node[last] = value
+    return raw
+
+
+def test_grid_expands_in_a_stable_order_with_ids():
+    spec = StudySpec.from_dict(BASE)
+    assert [type(c.optimizer) for c in spec.configs] == [HeavyBall, HeavyBall, AdamW, AdamW]
+    assert spec.configs[1].optimizer == HeavyBall(0.1, 0.9)
+    assert spec.configs[3].optimizer.beta2 == 0.999
+    assert len({c.id for c in spec.configs}) == 4
+    assert spec.num_chunks == 3 and list(spec.chunk_indices(2)) == [8, 9]
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "jobs" / "studies").glob("*.toml")), ids=lambda p: p.stem
+)
+def test_ready_specs_load(path):
+    spec = StudySpec.from_toml(path)
+    assert spec.name == path.stem
+
+
+BAD = [
+    ("optimizers.0.lr", -0.1, "optimizers[0].lr=-0.1", "> 0"),
+    ("optimizers.1.beta2", [0.9, 1.5], "optimizers[1].beta2=1.5", "[0, 1)"),
+    ("optimizers.0.kind", "SGDW", "optimizers[0].kind='SGDW'", "HeavyBall"),
+    ("optimizers.0.momentum", 0.9, "unknown field 'momentum'", "beta"),
+    ("data.source", "imagenet-local", "data.source='imagenet-local'", "digits, mnist1d"),
+    ("data.normalize", "zscore", "data.normalize='zscore'", "standardize"),
+    ("model.kind", "resnet", "model.kind='resnet'", "gelu_mlp"),
+    ("training.batch_size", 0, "training.batch_size=0", ">= 1"),
+    ("training.sampling", "shuffle", "training.sampling='shuffle'", "reshuffle"),
+    ("training.permutations", 1, "training.permutations=1", ">= 2"),
+    ("training.epochs", 1.5, "training.epochs=1.5", "integer"),
+    ("runtime.gpu", "maybe", "runtime.gpu='maybe'", "auto"),
+    ("probes.reference_steps", [0], "probes.reference_steps[0]=0", ">= 1"),
+    ("surprise", 1, "unknown field 'surprise'", "allowed fields"),
+]
+
+
+@pytest.mark.parametrize("path, value, names, allowed", BAD, ids=[b[2] for b in BAD])
+def test_bad_fields_are_named_with_the_allowed_values(path, value, names, allowed):
+    with pytest.raises(SpecError) as err:
+        StudySpec.from_dict(with_(path, value))
+    assert names in str(err.value) and allowed in str(err.value)
+
+
+def test_batch_size_larger_than_the_data_is_named():
+    spec = StudySpec.from_dict(with_("training.batch_size", 5000))
+    with pytest.raises(
+        SpecError, match=r"training.batch_size=5000 .* <= the number of samples \(1797\)"
+    ):
+        spec.check_data_size(1797)
+
+
+def test_missing_and_malformed_files_are_reported(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        StudySpec.from_toml(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        StudySpec.from_toml(bad)
+
+
+def test_digest_ignores_runtime_and_output():
+    a = StudySpec.from_dict(BASE)
+    b = StudySpec.from_dict({**with_("output", "/tmp/elsewhere"), "runtime": {"actors": 3}})
+    c = StudySpec.from_dict(with_("training.epochs", 3))
+    assert a.digest == b.digest != c.digest

@@ -1,0 +1,154 @@
+"""The study work function (no Ray): vmapped ensembles, chunk rows, predictions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+
+from noisemem import expected_correction, full_batch_correction, memory_correction
+from noisemem.data import prepare
+from noisemem.spec import StudySpec
+from noisemem.stats import Moments
+from noisemem.study import Context, predictions, run_chunk, train_ensemble
+from noisemem.trajectory import memoryful_run
+
+
+def small_spec(**training) -> StudySpec:
+    raw = {
+        "name": "small",
+        "output": "/tmp/noisemem-unused",
+        "data": {"source": "digits", "limit": 96},
+        "model": {"kind": "gelu_mlp", "hidden": 4},
+        "optimizers": [
+            {"kind": "HeavyBall", "lr": 0.1, "beta": 0.9},
+            {"kind": "AdamW", "lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "eps": 1e-6},
+        ],
+        "training": {"batch_size": 32, "epochs": 2, "permutations": 4, "chunk_size": 2, **training},
+        "probes": {"init": True, "epoch_end": True, "reference_steps": [2]},
+        "runtime": {"dtype": "float64"},
+    }
+    return StudySpec.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return prepare("digits", limit=96)
+
+
+def context(spec: StudySpec, data) -> Context:
+    return Context.build(spec, *data)
+
+
+@pytest.mark.parametrize("sampling", ["permute", "reshuffle", "replacement"])
+@pytest.mark.parametrize("config", [0, 1], ids=["heavy_ball", "adamw"])
+def test_ensemble_equals_separate_memoryful_runs(data, config, sampling):
+    spec = small_spec(sampling=sampling)
+    ctx = context(spec, data)
+    opt = spec.configs[config].optimizer
+    runs = [ctx.run(p) for p in range(3)]
+    ens = train_ensemble(ctx, opt, runs)
+    for j, run in enumerate(runs):
+        if run.batches is None:
+            batches, seq = ctx.problem, run.sequence
+        else:
+            X, Y = ctx.problem.X.flatten(0, 1), ctx.problem.Y.flatten(0, 1)
+            batches, seq = [(X[r], Y[r]) for r in run.batches], list(range(len(run.batches)))
+        alone = memoryful_run(ctx.model, ctx.problem.loss_fn, batches, opt, seq)
+        for e, theta in enumerate(ens.epoch_thetas):
+            assert rel_err(theta[j], alone.thetas[(e + 1) * ctx.m]) < 1e-12
+
+
+def test_chunk_corrections_are_eq9_for_each_permutation(data):
+    spec = small_spec()
+    ctx = context(spec, data)
+    config = spec.configs[0]
+    rows = run_chunk(ctx, config, chunk=1)
+    assert [r["permutation"] for r in rows["runs"]] == [2, 3]
+    n = ctx.m - 1
+    direct = [
+        memory_correction(
+            ctx.model,
+            ctx.problem.loss_fn,
+            ctx.problem,
+            config.optimizer,
+            ctx.run(p).sequence[: n + 1],
+        )
+        for p in (2, 3)
+    ]
+    init_rows = [r for r in rows["corrections"] if r["probe"] == "init" and r["step"] == n]
+    assert [r["norm"] for r in init_rows] == pytest.approx(
+        [float(M.norm()) for M in direct], rel=1e-12
+    )
+    (mom,) = [r for r in rows["moments"] if r["probe"] == "init" and r["step"] == n]
+    assert mom["count"] == 2
+    assert np.allclose(mom["sum"], (direct[0] + direct[1]).numpy(), rtol=1e-12, atol=0)
+    assert {r["probe"] for r in rows["corrections"]} == {"init", "ref2", "epoch"}
+    assert len(rows["steps"]) == 2 * ctx.steps
+
+
+def test_moments_do_not_depend_on_the_chunking(data):
+    merged = {}
+    for chunk_size in (1, 2, 4):
+        spec = small_spec(chunk_size=chunk_size)
+        ctx = context(spec, data)
+        acc: dict[tuple[str, int], Moments] = {}
+        for chunk in range(spec.num_chunks):
+            for r in run_chunk(ctx, spec.configs[1], chunk)["moments"]:
+                m = Moments(
+                    r["count"],
+                    torch.tensor(r["sum"], dtype=torch.float64),
+                    torch.tensor(r["sum_sq"], dtype=torch.float64),
+                )
+                key = (r["probe"], r["step"])
+                acc[key] = acc[key].merge(m) if key in acc else m
+        merged[chunk_size] = acc
+    for key, m in merged[4].items():
+        for other in (merged[1], merged[2]):
+            assert other[key].count == m.count
+            assert torch.allclose(other[key].total, m.total, rtol=1e-12, atol=1e-15)
+
+
+def test_divergent_runs_are_recorded_not_crashed(data):
+    raw_spec = small_spec()
+    raw = dict(raw_spec.raw)
+    raw["optimizers"] = [{"kind": "HeavyBall", "lr": 1e300, "beta": 0.99}]
+    spec = StudySpec.from_dict(raw)
+    ctx = context(spec, data)
+    rows = run_chunk(ctx, spec.configs[0], chunk=0)
+    statuses = {r["status"] for r in rows["runs"]}
+    assert statuses == {"diverged"}
+    assert all(r["diverged_at"] >= 1 for r in rows["runs"])
+    assert not [r for r in rows["corrections"] if r["probe"] == "epoch"]
+    assert all(r["count"] == 0 for r in rows["moments"] if r["probe"] == "epoch")
+
+
+def test_predictions_match_the_engine(data):
+    spec = small_spec()
+    ctx = context(spec, data)
+    config = spec.configs[0]
+    rows = {(r["probe"], r["step"], r["kind"]): r for r in predictions(ctx, config)}
+    n = 2 * ctx.m - 1
+    exact = expected_correction(
+        ctx.model, ctx.problem.loss_fn, ctx.problem, config.optimizer, epochs=2
+    )
+    fb = full_batch_correction(
+        ctx.model, ctx.problem.loss_fn, ctx.problem, config.optimizer, step=n
+    )
+    assert (
+        rel_err(
+            torch.tensor(rows[("init", n, "exact_mean")]["vector"], dtype=torch.float64), exact.mean
+        )
+        < 1e-12
+    )
+    assert (
+        rel_err(torch.tensor(rows[("init", n, "full_batch")]["vector"], dtype=torch.float64), fb)
+        < 1e-12
+    )
+    coef = json.loads(rows[("init", n, "exact_mean")]["coefficients"])
+    assert coef["same"] == pytest.approx(exact.coefficients["same"])
+    adam_rows = predictions(ctx, spec.configs[1])
+    assert not [r for r in adam_rows if r["kind"].startswith("exact")]  # no closed form
