@@ -68,6 +68,8 @@ class StudyWorker:
 
 
 RemoteWorker = ray.remote(StudyWorker)
+#: how often a chunk whose actor died is tried again on another actor
+MAX_RETRIES = 2
 
 
 def _cluster_gpus() -> float:
@@ -180,6 +182,7 @@ class StudyHandle:
                 self._actors[i % len(self._actors)].predictions.remote(i)
                 for i in range(len(self.spec.configs))
             ]
+            retries: dict[tuple[int, int], int] = {}
             while todo or pending:
                 while idle and todo:
                     actor = idle.pop()
@@ -188,7 +191,15 @@ class StudyHandle:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     actor, item = pending.pop(ref)
-                    result = ray.get(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayError as err:  # the actor died: retry elsewhere
+                        retries[item] = retries.get(item, 0) + 1
+                        print(f"[noisemem] chunk {item} lost ({err}); retrying", file=self.log)
+                        if retries[item] > MAX_RETRIES or not (idle or pending):
+                            raise
+                        todo.append(item)
+                        continue
                     idle.append(actor)
                     if result["status"] == "ok":
                         self.progress.done += self._per_chunk[item[1]]

@@ -175,7 +175,13 @@ class Store:
         self._atomic_bytes(sink.getvalue().to_pybytes(), *self.part_name(table, config, chunk))
 
     def chunk_done(self, config: str, chunk: int) -> bool:
-        return self.exists(*self.part_name("runs", config, chunk))
+        """True when the chunk's ``runs`` part (written last) exists and is not a record of
+        a failed chunk; failed chunks run again when the study is resumed."""
+        parts = self.part_name("runs", config, chunk)
+        if not self.exists(*parts):
+            return False
+        status = pq.read_table(self.path(*parts), filesystem=self.fs, columns=["status"])
+        return "failed" not in set(status.column("status").to_pylist())
 
     def parts(self, table: str) -> list[str]:
         base = self.path(table)

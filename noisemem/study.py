@@ -314,57 +314,55 @@ def run_chunk(
                 )
     seconds = (time.perf_counter() - t0) / max(len(indices), 1)
     run_rows = [
-        {
-            "study": spec.name,
-            "config": config.id,
-            "chunk": chunk,
-            "permutation": p,
-            "seed": spec.seed,
-            "optimizer": opt.name,
-            "hyperparameters": json.dumps(config.hyperparameters, sort_keys=True),
-            "lr": opt.lr,
-            "batch_size": spec.training.batch_size,
-            "epochs": spec.training.epochs,
-            "sampling": spec.training.sampling,
-            "status": status,
-            "error": None,
-            "diverged_at": ens.diverged_at[j],
-            "seconds": seconds,
-            "worker": worker,
-            "device": ctx.device,
-            "versions": versions(),
-        }
+        run_row(
+            spec,
+            config,
+            chunk,
+            p,
+            status=status,
+            diverged_at=ens.diverged_at[j],
+            seconds=seconds,
+            worker=worker,
+            device=ctx.device,
+        )
         for j, (p, status) in enumerate(zip(indices, statuses, strict=True))
     ]
     return {"runs": run_rows, "steps": step_rows, "corrections": corrections, "moments": moments}
+
+
+def run_row(spec: StudySpec, config: Config, chunk: int, p: int, **fields: Any) -> dict[str, Any]:
+    """One ``runs`` row; ``fields`` sets status, error, diverged_at, seconds, worker, device."""
+    opt = config.optimizer
+    row = {
+        "study": spec.name,
+        "config": config.id,
+        "chunk": chunk,
+        "permutation": p,
+        "seed": spec.seed,
+        "optimizer": opt.name,
+        "hyperparameters": json.dumps(config.hyperparameters, sort_keys=True),
+        "lr": opt.lr,
+        "batch_size": spec.training.batch_size,
+        "epochs": spec.training.epochs,
+        "sampling": spec.training.sampling,
+        "status": "ok",
+        "error": None,
+        "diverged_at": None,
+        "seconds": None,
+        "worker": None,
+        "device": None,
+        "versions": versions(),
+    }
+    row.update(fields)
+    return row
 
 
 def failed_chunk_rows(
     spec: StudySpec, config: Config, chunk: int, error: str, worker: str
 ) -> list[dict[str, Any]]:
     """``runs`` rows recording that a chunk failed (kept, so nothing is silently lost)."""
-    opt = config.optimizer
     return [
-        {
-            "study": spec.name,
-            "config": config.id,
-            "chunk": chunk,
-            "permutation": p,
-            "seed": spec.seed,
-            "optimizer": opt.name,
-            "hyperparameters": json.dumps(config.hyperparameters, sort_keys=True),
-            "lr": opt.lr,
-            "batch_size": spec.training.batch_size,
-            "epochs": spec.training.epochs,
-            "sampling": spec.training.sampling,
-            "status": "failed",
-            "error": error,
-            "diverged_at": None,
-            "seconds": None,
-            "worker": worker,
-            "device": None,
-            "versions": versions(),
-        }
+        run_row(spec, config, chunk, p, status="failed", error=error, worker=worker)
         for p in spec.chunk_indices(chunk)
     ]
 

@@ -100,3 +100,30 @@ def test_another_study_in_the_same_output_is_refused(ray_local, tmp_path):
     other = spec_at(tmp_path / "same", seed=1)
     with pytest.raises(ValueError, match="holds a different study"):
         launch(other)
+
+
+def test_failed_chunks_run_again_on_resume_and_uris_work(ray_local, tmp_path):
+    from noisemem import study
+
+    spec = spec_at(f"file://{tmp_path / 'uri'}")
+    path = launch(spec, actors=2, log=io.StringIO()).wait(timeout=600)
+    store = Store(path)
+    config = spec.configs[0]
+    store.write_part("runs", config.id, 0, study.failed_chunk_rows(spec, config, 0, "boom", "w"))
+    assert not store.chunk_done(config.id, 0)
+    handle = launch(spec, actors=2, log=io.StringIO())
+    assert handle.progress.done == 12 - 2
+    tables = load(handle.wait(timeout=600))
+    assert set(tables.runs["status"]) == {"ok"} and len(tables.runs) == 12
+
+
+def test_cli_status_and_show(ray_local, tmp_path, capsys):
+    from noisemem.cli import main
+
+    path = launch(spec_at(tmp_path / "cli"), actors=2, log=io.StringIO()).wait(timeout=600)
+    assert main(["status", path]) == 0
+    out = capsys.readouterr().out
+    assert "complete=True" in out and "runs: 12 of 12" in out
+    assert main(["show", path]) == 0
+    out = capsys.readouterr().out
+    assert "c000-HeavyBall" in out and "rms z" in out

@@ -1,0 +1,111 @@
+"""Study throughput, as ratios measured in one run (CPU; GELU MLP 64-128-10 on digits).
+
+1. Training P permutations as one vmapped ensemble (noisemem.study.train_ensemble) against
+   the same permutations trained one by one with torch.optim.SGD(momentum) (target >= 3x).
+2. The whole study on a local Ray cluster (1 actor) against the same chunks and predictions
+   computed in this process without Ray (target: Ray overhead <= 15%).
+3. The study with 2 actors against 1 actor on 2 CPUs (target >= 1.6x).
+
+Usage: python benchmarks/bench_study.py [--permutations 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import shutil
+import tempfile
+import time
+
+import ray
+import torch
+
+from noisemem.data import prepare
+from noisemem.runtime import launch
+from noisemem.spec import StudySpec
+from noisemem.study import Context, predictions, run_chunk, train_ensemble
+
+SPEC = {
+    "name": "bench",
+    "data": {"source": "digits"},
+    "model": {"kind": "gelu_mlp", "hidden": 128},
+    "optimizers": [{"kind": "HeavyBall", "lr": 0.1, "beta": 0.9}],
+    "training": {"batch_size": 32, "epochs": 1, "permutations": 64, "chunk_size": 16},
+    "probes": {"init": True, "epoch_end": False},
+    "record": {"steps": True},
+    "runtime": {"cpus_per_actor": 1},
+}
+
+
+def torch_one_by_one(ctx: Context, runs: list, lr: float, beta: float) -> float:
+    t0 = time.perf_counter()
+    for run in runs:
+        model = copy.deepcopy(ctx.model)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=beta)
+        for i in run.sequence:
+            x, y = ctx.problem.X[i], ctx.problem.Y[i]
+            opt.zero_grad()
+            ctx.problem.loss_fn(model(x), y).backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--permutations", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    raw = copy.deepcopy(SPEC)
+    raw["training"]["permutations"] = args.permutations
+    tmp = tempfile.mkdtemp(prefix="nmbench")
+    raw["output"] = f"{tmp}/inproc"
+    spec = StudySpec.from_dict(raw)
+    x, y, info = prepare("digits")
+    ctx = Context.build(spec, x, y, info)
+    opt = spec.configs[0].optimizer
+
+    # 1. vmapped ensemble vs torch.optim one by one (same orders)
+    runs = [ctx.run(p) for p in range(16)]
+    train_ensemble(ctx, opt, runs[:2])  # warm-up
+    t0 = time.perf_counter()
+    train_ensemble(ctx, opt, runs)
+    t_vmap = time.perf_counter() - t0
+    t_loop = torch_one_by_one(ctx, runs, opt.lr, opt.beta)
+    print(
+        f"16 permutations x 1 epoch: vmapped {t_vmap:.2f} s, torch.optim one by one "
+        f"{t_loop:.2f} s -> {t_loop / t_vmap:.2f}x   target >= 3"
+    )
+
+    # 2. the same chunks without Ray, in this process (1 thread, like a 1-CPU actor)
+    t0 = time.perf_counter()
+    for chunk in range(spec.num_chunks):
+        run_chunk(ctx, spec.configs[0], chunk)
+    predictions(ctx, spec.configs[0])
+    t_inproc = time.perf_counter() - t0
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        times = {}
+        for actors in (1, 2):
+            raw["output"] = f"{tmp}/ray{actors}"
+            t0 = time.perf_counter()
+            launch(StudySpec.from_dict(raw), actors=actors, log=io.StringIO()).wait()
+            times[actors] = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    overhead = times[1] / t_inproc - 1
+    print(
+        f"{args.permutations} permutations, {spec.num_chunks} chunks: in-process "
+        f"{t_inproc:.1f} s, Ray 1 actor {times[1]:.1f} s -> overhead {100 * overhead:.1f}%"
+        "   target <= 15%"
+    )
+    print(
+        f"Ray 2 actors {times[2]:.1f} s vs 1 actor {times[1]:.1f} s -> "
+        f"{times[1] / times[2]:.2f}x   target >= 1.6"
+    )
+
+
+if __name__ == "__main__":
+    main()
