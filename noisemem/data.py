@@ -54,9 +54,7 @@ def _digits_dataset() -> Any:
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    return datasets.Dataset.from_dict(
-        {"pixels": raw.data.astype(np.float32).tolist(), "label": raw.target.tolist()}
-    )
+    return datasets.Dataset.from_dict({"pixels": raw.data.astype(np.float32), "label": raw.target})
 
 
 def _mnist1d_dataset(seed: int) -> Any:
@@ -67,7 +65,7 @@ def _mnist1d_dataset(seed: int) -> Any:
     args.seed = seed
     raw = make_dataset(args)  # generated locally; get_dataset would try a download first
     return datasets.Dataset.from_dict(
-        {"x": raw["x"].astype(np.float32).tolist(), "label": raw["y"].astype(int).tolist()}
+        {"x": raw["x"].astype(np.float32), "label": raw["y"].astype(np.int64)}
     )
 
 

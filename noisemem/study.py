@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 from noisemem.correction import Probe
 from noisemem.data import DataInfo, split_batches
@@ -141,7 +141,7 @@ class Ensemble:
     accuracy: Tensor
     grad_norm: Tensor
     batch: np.ndarray  # (steps, P) batch index (sample-batch row for reshuffle)
-    diverged_at: list[int | None]
+    diverged_at: list[int | None]  # first iterate with non-finite parameters or gradient
     epoch_thetas: list[Tensor]  # per epoch, (P, d)
 
 
@@ -163,36 +163,44 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
     Y_all = problem.Y.flatten(0, 1)
 
     def loss_fn(t: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return _loss_and_accuracy(ctx.model, problem, t, x, y)
+        return _loss_and_accuracy(ctx.model, problem, t, x, y)  # (loss, accuracy as aux)
 
-    step_fn = vmap(grad(loss_fn, has_aux=True), in_dims=(0, 0, 0))
-    value_fn = vmap(loss_fn, in_dims=(0, 0, 0))
+    step_fn = vmap(grad_and_value(loss_fn, has_aux=True), in_dims=(0, 0, 0))
     steps = ctx.steps
     losses = torch.empty(steps, P, dtype=theta.dtype, device=theta.device)
     accs, norms = torch.empty_like(losses), torch.empty_like(losses)
     batch_idx = np.zeros((steps, P), dtype=np.int64)
-    diverged: list[int | None] = [None] * P
+    finite = torch.empty(steps, P, dtype=torch.bool, device=theta.device)
     epoch_thetas = []
+    fixed = runs[0].batches is None
+    if fixed:  # which batch each run uses at each step: (steps, P)
+        batch_idx[:] = np.stack([r.sequence[:steps] for r in runs], axis=1)
+        order = torch.as_tensor(batch_idx, device=theta.device)
+    else:  # reshuffle: the sample rows of each run's fresh batch: (steps, P, b)
+        batch_idx[:] = np.arange(steps)[:, None]
+        rows = np.stack([r.batches[:steps] for r in runs], axis=1)  # type: ignore[index]
+        order = torch.as_tensor(rows, device=theta.device)
     for j in range(steps):
-        if runs[0].batches is None:
-            idx = torch.as_tensor([r.sequence[j] for r in runs], device=theta.device)
-            xj, yj = problem.X[idx], problem.Y[idx]  # (P, b, ...)
-            batch_idx[j] = idx.cpu().numpy()
+        if fixed:
+            xj, yj = problem.X[order[j]], problem.Y[order[j]]  # (P, b, ...)
         else:
-            rows = torch.as_tensor(np.stack([r.batches[j] for r in runs]), device=theta.device)
-            xj, yj = X_all[rows], Y_all[rows]
-            batch_idx[j] = j
-        g, _ = step_fn(theta, xj, yj)
-        loss, acc = value_fn(theta, xj, yj)
+            xj, yj = X_all[order[j]], Y_all[order[j]]
+        g, (loss, acc) = step_fn(theta, xj, yj)
         losses[j], accs[j], norms[j] = loss, acc, g.norm(dim=1)
         F, state = optimizer.update(g, state, theta)
         theta = theta - optimizer.lr * F
-        bad = ~torch.isfinite(theta).all(dim=1)
-        for p in torch.nonzero(bad).flatten().tolist():
-            if diverged[p] is None:
-                diverged[p] = j + 1
+        # the gradient norm is not finite once theta^(j) or its gradient is not (cheaper
+        # than scanning theta at every step)
+        finite[j] = torch.isfinite(norms[j])
         if (j + 1) % ctx.m == 0:
             epoch_thetas.append(theta.clone())
+    # diverged_at: the first iterate j whose parameters or gradient were not finite
+    bad = (~finite).cpu().numpy()
+    last_bad = (~torch.isfinite(theta).all(dim=1)).cpu().numpy()
+    diverged = [
+        int(np.argmax(bad[:, p])) if bad[:, p].any() else (steps if last_bad[p] else None)
+        for p in range(P)
+    ]
     return Ensemble(losses, accs, norms, batch_idx, diverged, epoch_thetas)
 
 
