@@ -203,6 +203,12 @@ def _expand_optimizers(raw: Any) -> tuple[Config, ...]:
                 # the optimizer names the field ("AdamW: beta2=..."); say where it sits
                 msg = str(err).removeprefix(f"{kind}: ")
                 raise SpecError(f"{where}.{msg}") from err
+            if not opt.smooth:
+                raise _fail(
+                    f"{where}.eps",
+                    None,
+                    "studies evaluate Eq. (9), which needs the soft sign: set eps > 0",
+                )
             label = "-".join(f"{k}{kw[k]}" for k in keys)
             configs.append(Config(f"c{len(configs):03d}-{kind}-{label}", len(configs), opt))
     return tuple(configs)

@@ -67,6 +67,12 @@ BAD = [
     ("runtime.gpu", "maybe", "runtime.gpu='maybe'", "auto"),
     ("probes.reference_steps", [0], "probes.reference_steps[0]=0", ">= 1"),
     ("surprise", 1, "unknown field 'surprise'", "allowed fields"),
+    (
+        "optimizers",
+        [{"kind": "Lion", "lr": 1e-4, "rho1": 0.9, "rho2": 0.99}],
+        "optimizers[0].eps=None",
+        "eps > 0",
+    ),
 ]
 
 
