@@ -36,6 +36,8 @@ class SmallCNN(nn.Module):
         image_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            raise ValueError(f"model.kwargs.channels={channels!r} is not allowed; use an int >= 1")
         if image_shape is None:
             side = math.isqrt(inputs)
             if side * side != inputs:
@@ -70,6 +72,11 @@ def build_model(
     """The spec's model: a built-in kind or ``package.module:Factory`` called with kwargs
     (plus ``inputs`` and ``classes`` when the factory accepts them)."""
     kwargs = dict(kwargs or {})
+    if kind in ("gelu_mlp", "softmax") and kwargs:
+        raise ValueError(
+            f"model.kwargs={kwargs!r} is not allowed for model.kind={kind!r}; it takes none "
+            "(set model.hidden for the MLP's width)"
+        )
     if kind == "gelu_mlp":
         return gelu_mlp(inputs, hidden, classes)
     if kind == "softmax":

@@ -23,7 +23,7 @@ def per_sample_problem(problem: Problem) -> Problem:
     """The same samples, each its own batch of size one."""
     X = problem.X.flatten(0, 1).unsqueeze(1)  # (N, 1, ...)
     Y = problem.Y.flatten(0, 1).unsqueeze(1)
-    return Problem(problem.model, problem.loss_fn, list(zip(X, Y, strict=True)))
+    return Problem(problem.model, problem.loss_fn, list(zip(X, Y, strict=True))).at(problem.theta)
 
 
 def variance(problem: Problem, theta: Tensor) -> Tensor:

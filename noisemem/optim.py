@@ -79,25 +79,34 @@ class OptState(NamedTuple):
     sums: tuple[Tensor, ...]
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_flag(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}: {name}={value!r} is not allowed; {name} must be True or False")
+
+
 def _check_lr(owner: str, lr: float) -> None:
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+    if not (_number(lr) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"{owner}: lr={lr!r} is not allowed; lr must be a finite number > 0")
 
 
 def _check_unit(owner: str, name: str, value: float, *, open_left: bool = False) -> None:
-    ok = isinstance(value, int | float) and (0 < value < 1 if open_left else 0 <= value < 1)
+    ok = _number(value) and (0 < value < 1 if open_left else 0 <= value < 1)
     if not ok:
         interval = "(0, 1)" if open_left else "[0, 1)"
         raise ValueError(f"{owner}: {name}={value!r} is not allowed; {name} must lie in {interval}")
 
 
 def _check_positive(owner: str, name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+    if not (_number(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"{owner}: {name}={value!r} is not allowed; {name} must be > 0")
 
 
 def _check_nonnegative(owner: str, name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+    if not (_number(value) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{owner}: {name}={value!r} is not allowed; {name} must be >= 0")
 
 
@@ -241,6 +250,7 @@ class AdamW(Optimizer):
         _check_unit(self.name, "beta2", self.beta2)
         _check_positive(self.name, "eps", self.eps)
         _check_nonnegative(self.name, "weight_decay", self.weight_decay)
+        _check_flag(self.name, "eps_in_sqrt", self.eps_in_sqrt)
 
     @property
     def variables(self) -> tuple[MomentumVariable, ...]:  # type: ignore[override]
@@ -294,6 +304,7 @@ class NAdamW(Optimizer):
         _check_unit(self.name, "beta2", self.beta2)
         _check_positive(self.name, "eps", self.eps)
         _check_nonnegative(self.name, "weight_decay", self.weight_decay)
+        _check_flag(self.name, "eps_in_sqrt", self.eps_in_sqrt)
         if self.momentum_decay is not None:
             _check_nonnegative(self.name, "momentum_decay", self.momentum_decay)
 
@@ -356,6 +367,7 @@ class Lion(Optimizer):
         _check_unit(self.name, "rho1", self.rho1)
         _check_unit(self.name, "rho2", self.rho2, open_left=True)
         _check_nonnegative(self.name, "weight_decay", self.weight_decay)
+        _check_flag(self.name, "bias_correction", self.bias_correction)
         if self.eps is not None:
             _check_positive(self.name, "eps", self.eps)
 

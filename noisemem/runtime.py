@@ -25,7 +25,8 @@ import torch
 
 from noisemem import study
 from noisemem.data import prepare
-from noisemem.spec import StudySpec
+from noisemem.models import build_model
+from noisemem.spec import SpecError, StudySpec
 from noisemem.store import SCHEMA_VERSION, Store
 
 
@@ -72,6 +73,26 @@ RemoteWorker = ray.remote(StudyWorker)
 MAX_RETRIES = 2
 
 
+def check_model(spec: StudySpec, info: Any) -> None:
+    """Build the spec's model once on the CPU, so that a bad model fails before any actor."""
+    try:
+        build_model(
+            spec.model.kind,
+            inputs=info.num_features,
+            classes=info.num_classes,
+            hidden=spec.model.hidden,
+            image_shape=info.image_shape,
+            kwargs=spec.model.kwargs,
+        )
+    except TypeError as err:
+        raise SpecError(
+            f"model.kwargs={dict(spec.model.kwargs)!r} do not fit model.kind="
+            f"{spec.model.kind!r}: {err}"
+        ) from err
+    except ValueError as err:
+        raise SpecError(str(err)) from err
+
+
 def _cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
@@ -113,6 +134,7 @@ class StudyHandle:
             seed=spec.seed,
         )
         spec.check_data_size(info.num_samples)  # before any actor starts
+        check_model(spec, info)
         self.info = info
         self._write_header()
         todo = [
@@ -156,6 +178,8 @@ class StudyHandle:
         )
 
     def _start_actors(self, data: tuple[Any, Any, Any], actors: int | None, work: int) -> list[Any]:
+        """The pool. ``gpu="auto"`` looks at the GPUs the cluster has now (an autoscaling
+        cluster whose GPU workers are at zero gets CPU actors: use ``gpu="always"``)."""
         rt = self.spec.runtime
         use_gpu = rt.gpu == "always" or (rt.gpu == "auto" and _cluster_gpus() >= 1)
         if actors is None:
@@ -163,14 +187,17 @@ class StudyHandle:
         if actors == 0:
             pool = _cluster_gpus() if use_gpu else ray.cluster_resources().get("CPU", 1)
             actors = max(1, int(pool // (1 if use_gpu else rt.cpus_per_actor)))
-        actors = max(1, min(actors, max(work, 1) if work else 1))
-        ref = ray.put(data)
-        options = {"num_cpus": rt.cpus_per_actor, "num_gpus": 1 if use_gpu else 0}
-        device = "cuda" if use_gpu else "cpu"
-        return [
-            RemoteWorker.options(**options).remote(self.spec, ref, device, rt.cpus_per_actor)
-            for _ in range(actors)
-        ]
+        actors = max(1, min(actors, work)) if work else 1
+        self._data_ref = ray.put(data)
+        self._options = {"num_cpus": rt.cpus_per_actor, "num_gpus": 1 if use_gpu else 0}
+        self._device = "cuda" if use_gpu else "cpu"
+        return [self._new_actor() for _ in range(actors)]
+
+    def _new_actor(self) -> Any:
+        rt = self.spec.runtime
+        return RemoteWorker.options(**self._options).remote(
+            self.spec, self._data_ref, self._device, rt.cpus_per_actor
+        )
 
     def _drive(self) -> None:
         try:
@@ -193,11 +220,22 @@ class StudyHandle:
                     actor, item = pending.pop(ref)
                     try:
                         result = ray.get(ref)
-                    except ray.exceptions.RayError as err:  # the actor died: retry elsewhere
+                    except ray.exceptions.RayError as err:
+                        # run_chunk records its own failures; this is the actor dying or
+                        # a store write failing: try the chunk again, a bounded number of times
                         retries[item] = retries.get(item, 0) + 1
-                        print(f"[noisemem] chunk {item} lost ({err}); retrying", file=self.log)
-                        if retries[item] > MAX_RETRIES or not (idle or pending):
+                        if retries[item] > MAX_RETRIES:
                             raise
+                        print(
+                            f"[noisemem] chunk {item} lost ({type(err).__name__}); retrying",
+                            file=self.log,
+                            flush=True,
+                        )
+                        if isinstance(err, ray.exceptions.RayActorError):
+                            self._actors.remove(actor)
+                            actor = self._new_actor()
+                            self._actors.append(actor)
+                        idle.append(actor)
                         todo.append(item)
                         continue
                     idle.append(actor)

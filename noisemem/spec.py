@@ -317,8 +317,8 @@ class StudySpec:
         output = raw.get("output", f"out/studies/{name}")
         if not isinstance(output, str) or not output:
             raise _fail("output", output, "give a directory path or a pyarrow filesystem URI")
-        if "://" not in output and base is not None and not Path(output).is_absolute():
-            output = str(Path.cwd() / output)
+        if "://" not in output and not Path(output).is_absolute():
+            output = str(Path.cwd() / output)  # actors may run in other working directories
         for section in sections:
             if section != "optimizers" and not isinstance(raw.get(section, {}), Mapping):
                 raise _fail(section, raw.get(section), f"[{section}] must be a table")
@@ -386,8 +386,9 @@ class StudySpec:
 
     @property
     def digest(self) -> str:
-        """A hash of everything that determines the results (not runtime or output)."""
+        """A hash of everything that determines the results (not where they are written or
+        how many actors, CPUs or GPUs compute them; the dtype does count)."""
         d = self.to_toml_dict()
-        for k in ("runtime", "output"):
-            d.pop(k, None)
+        d.pop("output", None)
+        d["runtime"] = {"dtype": self.runtime.dtype}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

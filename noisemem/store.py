@@ -180,7 +180,10 @@ class Store:
         parts = self.part_name("runs", config, chunk)
         if not self.exists(*parts):
             return False
-        status = pq.read_table(self.path(*parts), filesystem=self.fs, columns=["status"])
+        try:
+            status = pq.read_table(self.path(*parts), filesystem=self.fs, columns=["status"])
+        except (OSError, pa.ArrowException):  # unreadable (e.g. a crash mid-write): redo it
+            return False
         return "failed" not in set(status.column("status").to_pylist())
 
     def parts(self, table: str) -> list[str]:
@@ -236,7 +239,25 @@ def load(path: str) -> StudyTables:
             f"{SCHEMA_VERSION}, the one this noisemem reads"
         )
     frames = {t: store.read(t) for t in TABLES}
-    return StudyTables(manifest=manifest, **frames)
+    return StudyTables(manifest=manifest, **complete_rows(frames))
+
+
+def complete_rows(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Keep only rows of chunks whose ``runs`` part says they finished (status ok or
+    diverged): parts an interrupted or failed chunk left behind are not results."""
+    runs = frames["runs"]
+    finished = runs[runs["status"] != "failed"]
+    chunks = set(zip(finished["config"], finished["chunk"], strict=True))
+    perms = set(zip(finished["config"], finished["permutation"], strict=True))
+    out = dict(frames)
+    for table in ("steps", "corrections"):
+        df = frames[table]
+        keep = [k in perms for k in zip(df["config"], df["permutation"], strict=True)]
+        out[table] = df[keep].reset_index(drop=True) if len(df) else df
+    df = frames["moments"]
+    keep = [k in chunks for k in zip(df["config"], df["chunk"], strict=True)]
+    out["moments"] = df[keep].reset_index(drop=True) if len(df) else df
+    return out
 
 
 def merged_moments(moments: pd.DataFrame) -> pd.DataFrame:

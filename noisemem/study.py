@@ -37,6 +37,7 @@ from noisemem.data import DataInfo, split_batches
 from noisemem.expectation import SampledRun, exact_expectation, sample_run, sampled_correction
 from noisemem.full_batch import full_batch_prediction
 from noisemem.models import build_model, initial_parameters
+from noisemem.noise import per_sample_problem
 from noisemem.optim import Optimizer
 from noisemem.problem import Problem
 from noisemem.spec import Config, StudySpec
@@ -109,7 +110,9 @@ class Context:
             wanted = self.spec.probes.reference_steps
             out: dict[int, Tensor | None] = {}
             if wanted:
-                full = Problem(self.model, self.problem.loss_fn, [(self.x, self.y)])
+                # the samples the batch split keeps, so that the loss is L = mean_i L_i
+                data = [(self.problem.X.flatten(0, 1), self.problem.Y.flatten(0, 1))]
+                full = Problem(self.model, self.problem.loss_fn, data)
                 opt = config.optimizer
                 theta = full.theta.clone()
                 state = opt.init(theta)
@@ -128,6 +131,12 @@ class Context:
         for s, theta in self.references(config).items():
             probes[f"ref{s}"] = theta
         return probes
+
+    def noise_direction(self, at: Problem) -> Tensor:
+        """Cov at ``at.theta``: per batch, or per sample under reshuffling (THEORY §4)."""
+        if self.spec.training.sampling == "reshuffle":
+            return Probe(per_sample_problem(at)).hessian_moments()[2]
+        return Probe(at).hessian_moments()[2]
 
     def probe_steps(self) -> list[int]:
         return [e * self.m - 1 for e in range(1, self.spec.training.epochs + 1)]
@@ -265,7 +274,7 @@ def run_chunk(
             continue
         at = ctx.problem.at(theta)
         probe = Probe(at)
-        _, _, noise = probe.hessian_moments()
+        noise = ctx.noise_direction(at)
         for n in steps_of:
             fb = full_batch_prediction(at, opt, n)
             acc = Moments.empty(d)
@@ -284,7 +293,7 @@ def run_chunk(
                     continue
                 at = ctx.problem.at(ens.epoch_thetas[e][j])
                 probe = Probe(at)
-                _, _, noise = probe.hessian_moments()
+                noise = ctx.noise_direction(at)
                 M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
                 fb = full_batch_prediction(at, opt, n)
                 if bool(torch.isfinite(M).all()):
@@ -397,8 +406,7 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
         if theta is None:
             continue
         at = ctx.problem.at(theta)
-        _, _, cov = Probe(at).hessian_moments()
-        add(name, None, "noise_direction", cov, {})
+        add(name, None, "noise_direction", ctx.noise_direction(at), {})
         add(name, None, "full_batch_limit", full_batch_prediction(at, opt, None), {})
         for n in ctx.probe_steps():
             add(name, n, "full_batch", full_batch_prediction(at, opt, n), {})

@@ -79,6 +79,26 @@ def test_exact_reshuffle_equals_average_over_every_sample_ordering(opt, epochs, 
     assert rel_err(exact.mean, average_over(tiny, optimizer, runs)) < 1e-9
 
 
+def test_exact_expectation_at_other_parameters_uses_them_for_every_part():
+    """problem.at(theta2) must give what a model sitting at theta2 gives, reshuffle included
+    (its noise direction is computed on a per-sample view of the problem)."""
+    from noisemem.expectation import exact_expectation
+    from noisemem.problem import Problem
+
+    tiny = make_tiny("gelu_mlp", num_batches=2, batch_size=2)
+    opt = LINEAR["heavy_ball"]
+    theta2 = tiny.theta + 0.3 * torch.randn(tiny.theta.shape, dtype=torch.float64)
+    at = Problem(tiny.model, tiny.loss_fn, tiny.batches).at(theta2)
+    torch.nn.utils.vector_to_parameters(theta2, tiny.model.parameters())
+    for sampling in ("permute", "reshuffle"):
+        ours = exact_expectation(at, opt, sampling, 3, 2)
+        moved = expected_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, opt, epochs=2, sampling=sampling
+        )
+        assert rel_err(ours.noise_part, moved.noise_part) < 1e-12
+        assert rel_err(ours.mean, moved.mean) < 1e-12
+
+
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_full_batch_part_is_the_full_batch_correction_at_step_n(tiny, epochs):
     for optimizer in LINEAR.values():

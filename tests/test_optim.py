@@ -163,6 +163,9 @@ BAD = [
     (lambda: Lion(0.1, 0.9, 0.0), "rho2", "(0, 1)"),
     (lambda: Lion(0.1, 1.0, 0.99), "rho1", "[0, 1)"),
     (lambda: Lion(0.1, 0.9, 0.99, eps=0.0), "eps", "> 0"),
+    (lambda: AdamW(0.1, 0.9, 0.99, 1e-8, eps_in_sqrt="no"), "eps_in_sqrt", "True or False"),
+    (lambda: Lion(0.1, 0.9, 0.99, eps=1e-3, bias_correction="false"), "bias_correction", "True"),
+    (lambda: HeavyBall(True, 0.9), "lr", "> 0"),
 ]
 
 

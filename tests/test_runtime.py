@@ -127,3 +127,81 @@ def test_cli_status_and_show(ray_local, tmp_path, capsys):
     assert main(["show", path]) == 0
     out = capsys.readouterr().out
     assert "c000-HeavyBall" in out and "rms z" in out
+
+
+def test_bad_model_fails_before_any_actor_starts(ray_local, tmp_path, monkeypatch):
+    def no_actors(*args, **kwargs):
+        raise AssertionError("an actor was started")
+
+    monkeypatch.setattr(runtime.StudyHandle, "_start_actors", no_actors)
+    bad = spec_at(
+        tmp_path / "badmodel", model={"kind": "torch.nn:Linear", "kwargs": {"bias": True}}
+    )
+    with pytest.raises(SpecError, match=r"model.kwargs=\{'bias': True\} do not fit"):
+        launch(bad)
+    cnn = spec_at(tmp_path / "badcnn", model={"kind": "cnn", "kwargs": {"channels": 0}})
+    with pytest.raises(SpecError, match=r"model.kwargs.channels=0"):
+        launch(cnn)
+
+
+class FakeRef:
+    def __init__(self, item, outcome):
+        self.item, self.outcome = item, outcome
+
+
+class FakeActor:
+    """Records the chunks it is asked for; outcomes come from a shared script."""
+
+    def __init__(self, script):
+        self.script = script
+
+        class Method:
+            def __init__(self, fn):
+                self.remote = fn
+
+        self.run_chunk = Method(lambda ci, chunk: FakeRef((ci, chunk), self.script.pop(0)))
+        self.predictions = Method(lambda ci: FakeRef(None, {"status": "ok"}))
+
+
+def test_driver_retries_a_chunk_whose_task_raised_and_keeps_the_actor(monkeypatch, tmp_path):
+    """A store write failing (a RayTaskError) or an actor dying is retried, the healthy actor
+    goes back to the pool, and a dead one is replaced; beyond MAX_RETRIES the error surfaces."""
+    import threading
+
+    import ray
+
+    ok = {"status": "ok"}
+    task_error = ray.exceptions.RayTaskError("run_chunk", "OSError: disk hiccup", OSError("x"))
+    script = [task_error, ok, ok]
+
+    def fake_get(ref):
+        if isinstance(ref, list):
+            return [fake_get(r) for r in ref]
+        if isinstance(ref.outcome, Exception):
+            raise ref.outcome
+        return ref.outcome
+
+    monkeypatch.setattr(runtime.ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
+    monkeypatch.setattr(runtime.ray, "get", fake_get)
+    monkeypatch.setattr(runtime.ray, "kill", lambda actor: None)
+    handle = object.__new__(runtime.StudyHandle)
+    handle.spec = spec_at(tmp_path / "fake")
+    handle.store = Store(str(tmp_path / "fake"))
+    handle.store.write_manifest({"schema_version": 1})
+    handle.log = io.StringIO()
+    handle._error = None
+    handle._done = threading.Event()
+    handle._todo = [(0, 0), (0, 1)]
+    handle._per_chunk = {0: 2, 1: 2}
+    handle.progress = runtime.Progress(total=4)
+    handle._actors = [FakeActor(script)]
+    handle._drive()
+    assert handle._error is None and handle.progress.done == 4
+    assert "retrying" in handle.log.getvalue()
+
+    script[:] = [task_error] * (runtime.MAX_RETRIES + 1)
+    handle._done.clear()
+    handle._todo = [(0, 0)]
+    handle.progress = runtime.Progress(total=2)
+    handle._drive()
+    assert isinstance(handle._error, ray.exceptions.RayTaskError)

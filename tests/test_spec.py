@@ -100,8 +100,15 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
         StudySpec.from_toml(bad)
 
 
-def test_digest_ignores_runtime_and_output():
+def test_digest_ignores_where_and_how_many_but_not_the_dtype():
     a = StudySpec.from_dict(BASE)
     b = StudySpec.from_dict({**with_("output", "/tmp/elsewhere"), "runtime": {"actors": 3}})
     c = StudySpec.from_dict(with_("training.epochs", 3))
+    d = StudySpec.from_dict({**BASE, "runtime": {"dtype": "float64"}})
     assert a.digest == b.digest != c.digest
+    assert d.digest != a.digest
+
+
+def test_relative_output_is_made_absolute():
+    spec = StudySpec.from_dict(with_("output", "out/rel"))
+    assert Path(spec.output).is_absolute() and spec.output.endswith("out/rel")
