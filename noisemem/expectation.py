@@ -280,13 +280,6 @@ def expected_correction(
     )
 
 
-def standard_error_units(estimate: Expectation, exact: Tensor) -> float:
-    """max_r |mean_r - exact_r| / stderr_r: the distance in standard errors (Monte Carlo)."""
-    assert estimate.stderr is not None
-    se = estimate.stderr.clamp_min(torch.finfo(estimate.stderr.dtype).tiny)
-    return float(((estimate.mean - exact).abs() / se).max())
-
-
 __all__ = [
     "METHODS",
     "SAMPLINGS",

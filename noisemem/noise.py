@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value
 
@@ -45,8 +44,3 @@ def noise_regularizer(
         problem = per_sample_problem(problem)
     g, value = grad_and_value(lambda t: variance(problem, t))(problem.theta)
     return float(value), g.detach()
-
-
-def noise_direction(problem: Problem, theta: Tensor) -> Tensor:
-    """``Cov = (1/2) grad R``: the direction of the noise part of E[M] (THEORY §4)."""
-    return 0.5 * torch.func.grad(lambda t: variance(problem, t))(theta)

@@ -142,10 +142,6 @@ class Optimizer:
         """``F = Phi(m_1, ..., m_L)``; elementwise, so it broadcasts over leading dims."""
         raise NotImplementedError
 
-    def hyperparameters(self) -> dict[str, float | bool | None]:
-        """The constructor arguments, for records and tables."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
     # -- the memoryful iteration (1) ------------------------------------------------------
     def init(self, theta: Tensor) -> OptState:
         return OptState(0, tuple(torch.zeros_like(theta) for _ in self.variables))

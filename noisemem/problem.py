@@ -145,7 +145,3 @@ def check_sequence(sequence: Sequence[int] | Tensor, num_batches: int) -> list[i
                 f"[0, {num_batches}) (there are {num_batches} batches)"
             )
     return [int(i) for i in seq]
-
-
-def to_device_dtype(values: object, like: Tensor) -> Tensor:
-    return torch.as_tensor(values, dtype=like.dtype, device=like.device)

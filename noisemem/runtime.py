@@ -25,7 +25,6 @@ import torch
 
 from noisemem import study
 from noisemem.data import prepare
-from noisemem.models import build_model
 from noisemem.spec import SpecError, StudySpec
 from noisemem.store import SCHEMA_VERSION, Store
 
@@ -76,14 +75,7 @@ MAX_RETRIES = 2
 def check_model(spec: StudySpec, info: Any) -> None:
     """Build the spec's model once on the CPU, so that a bad model fails before any actor."""
     try:
-        build_model(
-            spec.model.kind,
-            inputs=info.num_features,
-            classes=info.num_classes,
-            hidden=spec.model.hidden,
-            image_shape=info.image_shape,
-            kwargs=spec.model.kwargs,
-        )
+        study.spec_model(spec, info)
     except TypeError as err:
         raise SpecError(
             f"model.kwargs={dict(spec.model.kwargs)!r} do not fit model.kind="

@@ -60,6 +60,18 @@ def versions() -> str:
     )
 
 
+def spec_model(spec: StudySpec, info: DataInfo) -> nn.Module:
+    """The spec's model for this data (inputs, classes and image shape from ``info``)."""
+    return build_model(
+        spec.model.kind,
+        inputs=info.num_features,
+        classes=info.num_classes,
+        hidden=spec.model.hidden,
+        image_shape=info.image_shape,
+        kwargs=spec.model.kwargs,
+    )
+
+
 @dataclass
 class Context:
     """Data, model and batches of a study on one device (built once per actor)."""
@@ -78,15 +90,7 @@ class Context:
         cls, spec: StudySpec, x: Tensor, y: Tensor, info: DataInfo, device: str = "cpu"
     ) -> Context:
         dtype = torch.float64 if spec.runtime.dtype == "float64" else torch.float32
-        model = build_model(
-            spec.model.kind,
-            inputs=info.num_features,
-            classes=info.num_classes,
-            hidden=spec.model.hidden,
-            image_shape=info.image_shape,
-            kwargs=spec.model.kwargs,
-        )
-        model = initial_parameters(model, spec.seed).to(device=device, dtype=dtype)
+        model = initial_parameters(spec_model(spec, info), spec.seed).to(device=device, dtype=dtype)
         x, y = x.to(device=device, dtype=dtype), y.to(device)
         batches = split_batches(x, y, spec.training.batch_size)
         problem = Problem(model, nn.functional.cross_entropy, batches)
