@@ -27,6 +27,7 @@ from noisemem.data import digits, split_batches
 from noisemem.models import gelu_mlp
 from noisemem.optim import AdamW, HeavyBall
 from noisemem.problem import Problem
+from noisemem.system import keep_freed_memory
 
 
 def once(fn: Callable[[], object], device: str) -> float:
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=11)
     args = parser.parse_args()
     dev, rep = args.device, args.repeats
+    keep_freed_memory()  # as the study actors do (see noisemem.system)
 
     torch.manual_seed(0)
     x, y = digits(torch.float32)

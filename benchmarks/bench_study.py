@@ -27,6 +27,7 @@ from noisemem.runtime import launch
 from noisemem.spec import StudySpec
 from noisemem.store import Store
 from noisemem.study import Context, predictions, run_chunk, train_ensemble
+from noisemem.system import keep_freed_memory
 
 SPEC = {
     "name": "bench",
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--permutations", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the study actors do (see noisemem.system)
     raw = copy.deepcopy(SPEC)
     raw["training"]["permutations"] = args.permutations
     tmp = tempfile.mkdtemp(prefix="nmbench")

@@ -22,6 +22,7 @@ from noisemem import expected_correction, full_batch_correction
 from noisemem.data import digits, split_batches
 from noisemem.models import gelu_mlp
 from noisemem.optim import AdamW, HeavyBall
+from noisemem.system import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("out"))
     args = parser.parse_args(argv)
+    keep_freed_memory()
 
     torch.manual_seed(args.seed)
     x, y = digits(torch.float64)

@@ -27,12 +27,14 @@ from noisemem import study
 from noisemem.data import prepare
 from noisemem.spec import SpecError, StudySpec
 from noisemem.store import SCHEMA_VERSION, Store
+from noisemem.system import keep_freed_memory
 
 
 class StudyWorker:
     """One actor's state: the study context, built once, and the chunk loop."""
 
     def __init__(self, spec: StudySpec, data: tuple[Any, Any, Any], device: str, cpus: int):
+        keep_freed_memory()
         torch.set_num_threads(cpus)
         x, y, info = data
         self.device = device

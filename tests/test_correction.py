@@ -237,3 +237,15 @@ def test_cuda_path_matches_cpu():
         tiny.model.to("cpu")
         assert gpu.is_cuda
         assert rel_err(gpu.cpu(), cpu) < 1e-9
+
+
+def test_keeping_freed_memory_is_accepted_here_and_changes_no_result():
+    from noisemem.system import keep_freed_memory
+
+    tiny = make_tiny("gelu_mlp")
+    opt = OPTIMIZERS["adamw_eps_in_sqrt"]
+    seq = SEQUENCES["two_epochs"]
+    before = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
+    assert keep_freed_memory()  # glibc on these machines
+    after = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
+    assert torch.equal(before, after)
