@@ -205,3 +205,23 @@ def test_driver_retries_a_chunk_whose_task_raised_and_keeps_the_actor(monkeypatc
     handle.progress = runtime.Progress(total=2)
     handle._drive()
     assert isinstance(handle._error, ray.exceptions.RayTaskError)
+
+
+def test_analysis_notebook_runs_on_a_store(ray_local, tmp_path, monkeypatch):
+    """Every code cell of analysis/study.ipynb, in order, against a fresh store."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = launch(spec_at(tmp_path / "nb"), actors=2, log=io.StringIO()).wait(timeout=600)
+    monkeypatch.setenv("NOISEMEM_STORE", path)
+    notebook = json.loads((Path(__file__).parents[1] / "analysis" / "study.ipynb").read_text())
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            source = "".join(cell["source"])  # a string, or a list of lines
+            exec(compile(source, "study.ipynb", "exec"), namespace)
+    assert len(namespace["comparison"]) == 2 * 2 * 2  # configs x probes x steps
+    assert namespace["loss"].shape[1] == 2
