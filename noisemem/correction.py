@@ -25,9 +25,11 @@ Tail truncation (``tail_tol``): terms with k > K are dropped, K the smallest int
 
     r(K) = sum_{k>K} k beta^k / sum_{k>=1} k beta^k = beta^K ((K+1)(1-beta) + beta) <= tail_tol,
 
-beta the largest decay among the variables that carry memory. Since ||u_k|| <= k max_s||F^(s)||,
-the dropped part of every w_{l,i} is at most ``tail_tol`` times the bound
-``max_s||F^(s)|| beta/(1-beta)^2`` on the whole sum. ``tail_tol=0`` keeps every term.
+beta the largest decay among the variables that carry memory (the window of steps); a
+variable with a faster decay beta_l keeps only its own k <= K_l (same rule with beta_l).
+Since ||u_k|| <= k max_s||F^(s)||, the dropped part of every w_{l,i} is at most ``tail_tol``
+times the bound ``max_s||F^(s)|| beta_l/(1-beta_l)^2`` on its whole sum. ``tail_tol=0``
+keeps every term.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ class Probe:
         if optimizer.linear and hvp != "vmap" and K * m * m <= MAX_WINDOW_ELEMENTS:
             return self._linear_correction(optimizer, sig, start, scales)
         if m <= DENSE_MAX_BATCHES:
-            return self._dense_correction(optimizer, sig, start, scales, memory, hvp)
+            return self._dense_correction(optimizer, sig, start, scales, memory, hvp, tail_tol)
         return self._streamed_correction(optimizer, sig, start, scales, memory, hvp)
 
     def _dense_correction(
@@ -206,6 +208,7 @@ class Probe:
         scales: np.ndarray,
         memory: list[int],
         hvp: str,
+        tail_tol: float,
     ) -> Tensor:
         """Eq. (9) when there are few distinct batches (m <= DENSE_MAX_BATCHES).
 
@@ -236,13 +239,16 @@ class Probe:
             C = lfilter([1.0], [1.0, -v.beta], onehot, axis=0, zi=v.beta * c0[None, :])[0]
             coef.append(scales[l][:, None] * C)
             gather.append(target)
-        B = {}
+        B, first = {}, {}
         for l in memory:
+            # each variable's own horizon: its terms with k > K_l are dropped (same bound)
+            first[l] = K - truncation_horizon(variables[l].beta, tail_tol, n)
             E = np.zeros((K, sources[l].shape[0]))
-            E[np.arange(K), gather[l][:K]] = variables[l].beta ** (
-                n - np.arange(start, n, dtype=np.float64)
+            k = n - np.arange(start, n, dtype=np.float64)
+            E[np.arange(K), gather[l][:K]] = np.where(
+                np.arange(K) >= first[l], variables[l].beta ** k, 0.0
             )
-            B[l] = np.cumsum(E, axis=0).T  # (rows_l, K)
+            B[l] = np.cumsum(E, axis=0).T  # (rows_l, K); columns before first[l] are zero
         W: list[Tensor | None] = [None] * len(variables)
         for l in memory:
             W[l] = torch.zeros_like(sources[l])
@@ -253,7 +259,9 @@ class Probe:
                 *(_rows(tensor, c[r0:r1], G) for c, G in zip(coef, sources, strict=True))
             ).expand(r1 - r0, -1)  # every row may have been a broadcast single row
             for l in memory:
-                W[l] += tensor(B[l][:, r0:r1]) @ F
+                lo = max(r0, first[l])
+                if lo < r1:
+                    W[l] += tensor(B[l][:, lo:r1]) @ F[lo - r0 :]
         m_last = [tensor(c[K]) @ G for c, G in zip(coef, sources, strict=True)]
         return self._finish(optimizer, W, sig[start:n], scales[:, -1], m_last, hvp)
 

@@ -249,3 +249,15 @@ def test_keeping_freed_memory_is_accepted_here_and_changes_no_result():
     assert keep_freed_memory()  # glibc on these machines
     after = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
     assert torch.equal(before, after)
+
+
+def test_per_variable_horizon_keeps_the_default_tolerance_for_adam():
+    """beta1 = 0.5 stops contributing after ~50 steps while beta2 = 0.99 spans the window;
+    the per-variable cut must not move M beyond the documented relative tolerance."""
+    tiny = make_tiny("gelu_mlp")
+    seq = [j % 4 for j in range(150)]
+    opt = AdamW(0.01, 0.5, 0.99, 1e-3, weight_decay=0.1)
+    assert truncation_horizon(0.5, 1e-12, 149) < truncation_horizon(0.99, 1e-12, 149) == 149
+    exact = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=0)
+    default = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
+    assert 0 < rel_err(default, exact) < 1e-9 or torch.equal(default, exact)
