@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+import noisemem.correction as correction
 from noisemem import expected_correction, memory_correction
 from noisemem.data import digits, split_batches
 from noisemem.models import gelu_mlp
@@ -130,6 +131,14 @@ def main() -> None:
         lambda: memory_correction(model, loss_fn, problem, adamw, seq10),
         "<= 15",
     )
+    if dev == "cpu":
+        correction.FUSED = False
+        add(
+            "  same, window in torch (no fused CPU kernel)",
+            lambda: memory_correction(model, loss_fn, problem, adamw, seq10),
+            "info",
+        )
+        correction.FUSED = True
     t_lit = add(
         "literal Eq. (9) loop, heavy ball, 10 epochs deep",
         lambda: literal_eq9_heavy_ball(problem, hb, seq10),

@@ -21,6 +21,11 @@ copy of theta, so the H_i w_{l,i} come out separately; for heavy ball this is
 ``grad_theta sum_i <g_i, w_i>``); and one JVP of Phi. Optimizers linear in the g's reduce to
 scalar coefficients and a single summed HVP.
 
+On a CPU the window (momentum rows, Phi, suffix sums and scatter) is evaluated by the fused
+kernel of :mod:`noisemem.fused`, one pass per block of coordinates, for the optimizers it
+covers; elsewhere (GPU, other dtypes) by the torch matrix products below. Both give the same
+``w_{l,i}`` and are tested against the literal Eq. (9).
+
 Tail truncation (``tail_tol``): terms with k > K are dropped, K the smallest integer with
 
     r(K) = sum_{k>K} k beta^k / sum_{k>=1} k beta^k = beta^K ((K+1)(1-beta) + beta) <= tail_tol,
@@ -44,6 +49,7 @@ from scipy.signal import lfilter
 from torch import Tensor, nn
 from torch.func import jvp
 
+from noisemem import fused
 from noisemem.optim import Optimizer, Source
 from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence
 
@@ -53,6 +59,8 @@ TAIL_TOL = 1e-12
 MAX_WINDOW_ELEMENTS = 1 << 26
 #: up to this many batches, momentum rows are coefficient matrices times the stacked sources
 DENSE_MAX_BATCHES = 256
+#: on CPU, evaluate the window with the fused kernel of :mod:`noisemem.fused` where it applies
+FUSED = True
 #: how Hessian-vector products are taken (see :func:`memory_correction`)
 HVP_MODES = ("auto", "vmap", "double_backward")
 
@@ -196,6 +204,8 @@ class Probe:
         m = self.problem.num_batches
         if optimizer.linear and hvp != "vmap" and K * m * m <= MAX_WINDOW_ELEMENTS:
             return self._linear_correction(optimizer, sig, start, scales)
+        if FUSED and fused.usable(optimizer, theta):
+            return self._fused_correction(optimizer, sig, start, scales, memory, hvp, tail_tol)
         if m <= DENSE_MAX_BATCHES:
             return self._dense_correction(optimizer, sig, start, scales, memory, hvp, tail_tol)
         return self._streamed_correction(optimizer, sig, start, scales, memory, hvp)
@@ -264,6 +274,38 @@ class Probe:
                     W[l] += tensor(B[l][:, lo:r1]) @ F[lo - r0 :]
         m_last = [tensor(c[K]) @ G for c, G in zip(coef, sources, strict=True)]
         return self._finish(optimizer, W, sig[start:n], scales[:, -1], m_last, hvp)
+
+    def _fused_correction(
+        self,
+        optimizer: Optimizer,
+        sig: np.ndarray,
+        start: int,
+        scales: np.ndarray,
+        memory: list[int],
+        hvp: str,
+        tail_tol: float,
+    ) -> Tensor:
+        """Eq. (9) on the CPU with the window in one fused pass (:mod:`noisemem.fused`):
+        the same ``w_l = B_l @ F`` as :meth:`_dense_correction`, without the (K, d) arrays."""
+        n = sig.size - 1
+        K = n - start
+        variables = optimizer.variables
+        g = self.grads
+        m = g.shape[0]
+        states, weights = {}, {}
+        steps = n - np.arange(start, n, dtype=np.float64)  # k = n - s for the window's rows
+        for l in memory:
+            v = variables[l]
+            c0 = _decay_weights(sig[:start], v.beta, m, Source.GRAD)
+            base = g * g if v.source is Source.GRAD_SQ else g
+            states[l] = torch.as_tensor(c0, dtype=g.dtype) @ base
+            first = K - truncation_horizon(v.beta, tail_tol, n)
+            weights[l] = np.where(np.arange(K) >= first, v.beta**steps, 0.0)
+        w = fused.window(optimizer, g, self.theta, sig[start:n], states, scales, weights)
+        W: list[Tensor | None] = [w.get(l) for l in range(len(variables))]
+        return self._finish(
+            optimizer, W, sig[start:n], scales[:, -1], self.momenta(optimizer, sig), hvp
+        )
 
     def _finish(
         self,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny, rel_err
 from oracles import literal_correction
 
 import noisemem.correction as correction
+import noisemem.fused as fused
 from noisemem import memory_correction
 from noisemem.correction import tail_ratio, truncation_horizon
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov
@@ -90,17 +93,21 @@ def test_unknown_hvp_mode_is_named():
 PATHS = [
     (opt, path)
     for opt in sorted(OPTIMIZERS)
-    for path in ("linear", "dense", "streamed")
+    for path in ("linear", "fused", "dense", "streamed")
     if path != "linear" or OPTIMIZERS[opt].linear
 ]
 
 
 @pytest.mark.parametrize("opt, path", PATHS, ids=[f"{o}-{p}" for o, p in PATHS])
 def test_every_evaluation_path_matches_literal_eq9(monkeypatch, opt, path):
-    """linear: scalar coefficients + one summed HVP (heavy ball, Nesterov); dense: coefficient
-    matrices times stacked sources; streamed: a recurrence per step (many distinct batches)."""
+    """linear: scalar coefficients + one summed HVP (heavy ball, Nesterov); fused: the CPU
+    kernel of noisemem.fused; dense: coefficient matrices times stacked sources; streamed: a
+    recurrence per step (many distinct batches)."""
     optimizer = OPTIMIZERS[opt]
     hvp = "auto" if path == "linear" else "vmap"
+    assert fused.usable(optimizer, torch.zeros(1, dtype=torch.float64))
+    if path in ("dense", "streamed"):
+        monkeypatch.setattr(correction, "FUSED", False)
     if path == "streamed":
         monkeypatch.setattr(correction, "DENSE_MAX_BATCHES", 0)
     tiny = make_tiny("gelu_mlp")
@@ -116,6 +123,7 @@ def test_blocked_window_equals_single_block(monkeypatch, opt, dense):
     """Long windows are streamed in blocks (two passes); the result must not change."""
     tiny = make_tiny("gelu_mlp")
     seq = SEQUENCES["two_epochs"] * 2
+    monkeypatch.setattr(correction, "FUSED", False)  # the torch paths are the ones in blocks
     whole = memory_correction(
         tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, hvp="vmap"
     )
@@ -261,3 +269,31 @@ def test_per_variable_horizon_keeps_the_default_tolerance_for_adam():
     exact = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=0)
     default = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
     assert 0 < rel_err(default, exact) < 1e-9 or torch.equal(default, exact)
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_fused_kernel_in_coordinate_blocks_matches_torch_and_literal(monkeypatch, opt):
+    """Blocks of 16 coordinates (d = 31: a full and a ragged block) in float64, and float32
+    against the torch path; heavy ball and Nesterov are forced off the linear path (vmap)."""
+    tiny = make_tiny("gelu_mlp")
+    optimizer = OPTIMIZERS[opt]
+    seq = SEQUENCES["two_epochs"] + SEQUENCES["repeats"]
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1)
+
+    def both(model, batches):
+        a = memory_correction(model, tiny.loss_fn, batches, optimizer, seq, hvp="vmap")
+        with monkeypatch.context() as patch:
+            patch.setattr(correction, "FUSED", False)
+            b = memory_correction(model, tiny.loss_fn, batches, optimizer, seq, hvp="vmap")
+        return a, b
+
+    ours, torch_path = both(tiny.model, tiny.batches)
+    literal = literal_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, tiny.theta)
+    assert rel_err(ours, literal) < 1e-9
+    assert rel_err(ours, torch_path) < 1e-12
+    model32 = copy.deepcopy(tiny.model).float()
+    batches32 = [(x.float(), y) for x, y in tiny.batches]
+    ours32, torch32 = both(model32, batches32)
+    assert ours32.dtype == torch.float32
+    assert rel_err(ours32.double(), literal) < 1e-4  # float32 rounding over 15 steps
+    assert rel_err(ours32, torch32) < 1e-5

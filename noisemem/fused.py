@@ -1,0 +1,261 @@
+"""A fused CPU kernel for the window of Eq. (9) (momentum rows, Phi, suffix sums, scatter).
+
+The torch evaluation of the window (:mod:`noisemem.correction`) materialises every momentum
+row, every ``F^(s)`` and every suffix sum as ``(K, d)`` arrays: coefficient matrices times
+the stacked sources, Phi elementwise, then coefficient matrices again. On a CPU each pass
+over those arrays costs about as much as the arithmetic, and the two matrix products per
+variable cost ``2 K m d`` flops for what a recurrence does in ``K d``. On a GPU that is
+cheap; on a CPU it dominates. This module computes the same numbers in one pass per block of
+coordinates, so that a block's rows stay in cache:
+
+    forward over the window s = start..n-1 (row r = s - start):
+        S_a <- beta_a S_a + g_{sigma(s)}            (first moment, unscaled)
+        S_q <- beta_q S_q + g_{sigma(s)}^2          (second moment, Adam family)
+        x    = c_a[r] S_a + c_b[r] g_{sigma(s)}     (c_b: NAdam's and Lion's memoryless term)
+        F[r] = Phi(x, c_q[r] S_q, c_p[r] theta)
+    backward (r = K-1..0):
+        U   += F[r]                                  (U = u_{n-s}, the suffix sum of THEORY §3)
+        w_{a, sigma(s)} += wa[r] U,  w_{q, sigma(s)} += wq[r] U
+
+with the scales c (signs folded in) and weights w (``beta_l^(n-s)``, zero where a variable's
+own horizon ends) computed by the caller. The result ``w_{l,i}`` equals ``B_l @ F`` of the
+torch path; tests compare both with the literal Eq. (9).
+
+Which optimizers it covers is read off their type and checked against their momentum
+variables (:func:`form`): HeavyBall and Nesterov (Phi linear), AdamW and NAdamW (eps inside
+or outside the square root), soft-sign Lion. Anything else, a non-CPU tensor, a dtype other
+than float32/float64, or numba missing, uses the torch path. The kernel is compiled by numba
+on first use (a few seconds, cached on disk afterwards) and runs on
+``min(torch.get_num_threads(), numba's threads)`` threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov, Optimizer, Source
+
+LINEAR, ADAM_EPS_IN, ADAM_EPS_OUT, LION = 0, 1, 2, 3
+#: rows of F a block of coordinates keeps at once (times the block width)
+BLOCK_ELEMENTS = 1 << 17
+
+
+@dataclass(frozen=True)
+class Form:
+    """Where an optimizer's variables sit in the kernel's slots (indices into
+    ``optimizer.variables``; None when the optimizer has no such variable)."""
+
+    kind: int
+    a: int  # first moment: GRAD or NEG_GRAD source, any beta
+    b: int | None  # memoryless gradient term (beta = 0)
+    q: int | None  # second moment: GRAD_SQ source
+    p: int | None  # decoupled weight decay: PARAM source, beta = 0
+    eps: float
+
+
+def form(optimizer: Optimizer) -> Form | None:
+    """The kernel's description of ``optimizer``, or None when the kernel does not cover it."""
+    kind_of = type(optimizer)
+    if kind_of is HeavyBall:
+        f = Form(LINEAR, 0, None, None, None, 0.0)
+    elif kind_of is Nesterov:
+        f = Form(LINEAR, 0, 1, None, None, 0.0)
+    elif kind_of in (AdamW, NAdamW):
+        kind = ADAM_EPS_IN if optimizer.eps_in_sqrt else ADAM_EPS_OUT  # type: ignore[attr-defined]
+        b = 3 if kind_of is NAdamW else None
+        f = Form(kind, 0, b, 1, 2, float(optimizer.eps))  # type: ignore[attr-defined]
+    elif kind_of is Lion and optimizer.eps is not None:  # type: ignore[attr-defined]
+        f = Form(LION, 0, 1, None, 2, float(optimizer.eps))  # type: ignore[attr-defined]
+    else:
+        return None
+    return f if _matches(f, optimizer) else None
+
+
+def _matches(f: Form, optimizer: Optimizer) -> bool:
+    """The slots agree with the variables (guards the kernel against a changed optimizer)."""
+    v = optimizer.variables
+    grads = (Source.GRAD, Source.NEG_GRAD)
+    used = [i for i in (f.a, f.b, f.q, f.p) if i is not None]
+    return (
+        sorted(used) == list(range(len(v)))
+        and v[f.a].source in grads
+        and (f.b is None or (v[f.b].source in grads and v[f.b].beta == 0.0))
+        and (f.q is None or v[f.q].source is Source.GRAD_SQ)
+        and (f.p is None or (v[f.p].source is Source.PARAM and v[f.p].beta == 0.0))
+    )
+
+
+@cache
+def _numba() -> Any | None:
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency; the torch path remains
+        return None
+    return numba
+
+
+def usable(optimizer: Optimizer, theta: Tensor) -> bool:
+    """Whether :func:`window` applies: a covered optimizer, a CPU float32/float64 tensor, numba."""
+    return (
+        theta.device.type == "cpu"
+        and theta.dtype in (torch.float32, torch.float64)
+        and form(optimizer) is not None
+        and _numba() is not None
+    )
+
+
+def window(
+    optimizer: Optimizer,
+    grads: Tensor,
+    theta: Tensor,
+    target: np.ndarray,
+    states: dict[int, Tensor],
+    scales: np.ndarray,
+    weights: dict[int, np.ndarray],
+) -> dict[int, Tensor]:
+    """``w_l = B_l @ F`` over a window of K steps for the variables in ``weights``.
+
+    ``grads`` (m, d): the batch gradients g_i; ``target`` (K,): the batch of each step;
+    ``states[l]`` (d,): the unscaled sum of variable l (a or q) before the window, built from
+    g (not -g); ``scales`` (L, K): b_l^(s+1) for the window's steps; ``weights[l]`` (K,):
+    beta_l^(n-s), zero outside the variable's horizon. Returns ``{l: w_l}`` ((m, d) each).
+    """
+    f = form(optimizer)
+    nb = _numba()
+    assert f is not None and nb is not None
+    dtype = grads.dtype
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    K = int(target.size)
+    m, d = grads.shape
+    v = optimizer.variables
+
+    def row(l: int | None, sign: float = 1.0) -> np.ndarray:
+        if l is None:
+            return np.zeros(K, dtype=np_dtype)
+        return (sign * scales[l, :K]).astype(np_dtype)
+
+    sign_a = -1.0 if v[f.a].source is Source.NEG_GRAD else 1.0
+    sign_b = -1.0 if f.b is not None and v[f.b].source is Source.NEG_GRAD else 1.0
+    zeros = torch.zeros(d, dtype=dtype)
+    state_a = states.get(f.a, zeros)
+    state_q = states.get(f.q, zeros) if f.q is not None else zeros
+    slots = [f.a, f.q]
+    wts = np.zeros((2, K), dtype=np_dtype)
+    for s, l in enumerate(slots):
+        if l is not None and l in weights:
+            wts[s] = weights[l]
+    W = np.zeros((2, m, d), dtype=np_dtype)
+    block = max(16, min(1024, (BLOCK_ELEMENTS // max(K, 1)) // 16 * 16))
+    nb.set_num_threads(max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)))
+    scalar = np_dtype
+    _kernel()(
+        grads.detach().contiguous().numpy(),
+        theta.detach().contiguous().numpy(),
+        np.ascontiguousarray(target, dtype=np.int64),
+        scalar(v[f.a].beta),
+        state_a.detach().contiguous().numpy(),
+        row(f.a, sign_a),
+        row(f.b, sign_b),
+        scalar(v[f.q].beta if f.q is not None else 0.0),
+        state_q.detach().contiguous().numpy(),
+        row(f.q),
+        row(f.p),
+        f.kind,
+        scalar(f.eps),
+        wts,
+        W,
+        block,
+    )
+    out: dict[int, Tensor] = {}
+    for s, l in enumerate(slots):
+        if l is not None and l in weights:
+            out[l] = torch.from_numpy(W[s])
+    return out
+
+
+@cache
+def _kernel() -> Any:
+    nb = _numba()
+    assert nb is not None
+
+    @nb.njit(parallel=True, error_model="numpy", cache=True)
+    def kernel(
+        G: np.ndarray,
+        theta: np.ndarray,
+        target: np.ndarray,
+        beta_a: float,
+        state_a: np.ndarray,
+        ca: np.ndarray,
+        cb: np.ndarray,
+        beta_q: float,
+        state_q: np.ndarray,
+        cq: np.ndarray,
+        cp: np.ndarray,
+        kind: int,
+        eps: float,
+        wts: np.ndarray,
+        W: np.ndarray,
+        blk: int,
+    ) -> None:  # pragma: no cover - compiled; covered through correction's tests
+        K = target.shape[0]
+        d = G.shape[1]
+        nblocks = (d + blk - 1) // blk
+        for bi in nb.prange(nblocks):
+            j0 = bi * blk
+            j1 = min(d, j0 + blk)
+            n = j1 - j0
+            Sa = state_a[j0:j1].copy()
+            Sq = state_q[j0:j1].copy()
+            th = theta[j0:j1]
+            Fbuf = np.empty((K, n), G.dtype)
+            for r in range(K):
+                g = G[target[r], j0:j1]
+                F = Fbuf[r]
+                a, b, q, p = ca[r], cb[r], cq[r], cp[r]
+                if kind == 0:  # LINEAR
+                    for j in range(n):
+                        s = beta_a * Sa[j] + g[j]
+                        Sa[j] = s
+                        F[j] = a * s + b * g[j] + p * th[j]
+                elif kind == 3:  # LION: -x / sqrt(x^2 + eps) + p theta
+                    for j in range(n):
+                        s = beta_a * Sa[j] + g[j]
+                        Sa[j] = s
+                        x = a * s + b * g[j]
+                        F[j] = p * th[j] - x / np.sqrt(x * x + eps)
+                elif kind == 1:  # ADAM_EPS_IN: x / sqrt(m2 + eps) + p theta
+                    for j in range(n):
+                        gj = g[j]
+                        s = beta_a * Sa[j] + gj
+                        Sa[j] = s
+                        s2 = beta_q * Sq[j] + gj * gj
+                        Sq[j] = s2
+                        F[j] = (a * s + b * gj) / np.sqrt(q * s2 + eps) + p * th[j]
+                else:  # ADAM_EPS_OUT: x / (sqrt(m2) + eps) + p theta
+                    for j in range(n):
+                        gj = g[j]
+                        s = beta_a * Sa[j] + gj
+                        Sa[j] = s
+                        s2 = beta_q * Sq[j] + gj * gj
+                        Sq[j] = s2
+                        F[j] = (a * s + b * gj) / (np.sqrt(q * s2) + eps) + p * th[j]
+            U = np.zeros(n, G.dtype)
+            for r in range(K - 1, -1, -1):
+                F = Fbuf[r]
+                for j in range(n):
+                    U[j] += F[j]
+                i = target[r]
+                for slot in range(2):
+                    w = wts[slot, r]
+                    if w != 0.0:
+                        out = W[slot, i, j0:j1]
+                        for j in range(n):
+                            out[j] += w * U[j]
+
+    return kernel
