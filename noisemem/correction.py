@@ -122,8 +122,7 @@ class Probe:
                 # backward pass with cotangents W returns every H_i W[i] separately
                 m = self.problem.num_batches
                 leaf = self.theta.expand(m, -1).clone().requires_grad_(True)
-                with torch.enable_grad():
-                    G = self.problem.batch_grads_at(leaf)
+                G = self.problem.batch_grads_at(leaf)
                 self._graph = (leaf, G)
                 self._grads = G.detach()
             else:
