@@ -26,11 +26,14 @@ variables (:func:`form`): HeavyBall and Nesterov (Phi linear), AdamW and NAdamW 
 or outside the square root), soft-sign Lion. Anything else, a non-CPU tensor, a dtype other
 than float32/float64, or numba missing, uses the torch path. The kernel is compiled by numba
 on first use (a few seconds, cached on disk afterwards) and runs on
-``min(torch.get_num_threads(), numba's threads)`` threads.
+``min(torch.get_num_threads(), numba's threads)`` threads of numba's own ``workqueue`` pool
+(unless ``NUMBA_THREADING_LAYER`` says otherwise).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -97,7 +100,15 @@ def _numba() -> Any | None:
         import numba
     except ImportError:  # pragma: no cover - numba is a dependency; the torch path remains
         return None
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba's own thread pool, not a second OpenMP runtime beside torch's: with OpenMP,
+        # two 1-CPU study actors on 2 cores ran 5-8x slower (torch's work included) once the
+        # kernel had run. It is not reentrant, hence _LOCK.
+        numba.config.THREADING_LAYER = "workqueue"
     return numba
+
+
+_LOCK = threading.Lock()
 
 
 def usable(optimizer: Optimizer, theta: Tensor) -> bool:
@@ -152,26 +163,29 @@ def window(
             wts[s] = weights[l]
     W = np.zeros((2, m, d), dtype=np_dtype)
     block = max(16, min(1024, (BLOCK_ELEMENTS // max(K, 1)) // 16 * 16))
-    nb.set_num_threads(max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS)))
     scalar = np_dtype
-    _kernel()(
-        grads.detach().contiguous().numpy(),
-        theta.detach().contiguous().numpy(),
-        np.ascontiguousarray(target, dtype=np.int64),
-        scalar(v[f.a].beta),
-        state_a.detach().contiguous().numpy(),
-        row(f.a, sign_a),
-        row(f.b, sign_b),
-        scalar(v[f.q].beta if f.q is not None else 0.0),
-        state_q.detach().contiguous().numpy(),
-        row(f.q),
-        row(f.p),
-        f.kind,
-        scalar(f.eps),
-        wts,
-        W,
-        block,
-    )
+    threads = max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
+    with _LOCK:
+        if threads > 1:
+            nb.set_num_threads(threads)
+        _kernel(threads > 1)(
+            grads.detach().contiguous().numpy(),
+            theta.detach().contiguous().numpy(),
+            np.ascontiguousarray(target, dtype=np.int64),
+            scalar(v[f.a].beta),
+            state_a.detach().contiguous().numpy(),
+            row(f.a, sign_a),
+            row(f.b, sign_b),
+            scalar(v[f.q].beta if f.q is not None else 0.0),
+            state_q.detach().contiguous().numpy(),
+            row(f.q),
+            row(f.p),
+            f.kind,
+            scalar(f.eps),
+            wts,
+            W,
+            block,
+        )
     out: dict[int, Tensor] = {}
     for s, l in enumerate(slots):
         if l is not None and l in weights:
@@ -180,11 +194,12 @@ def window(
 
 
 @cache
-def _kernel() -> Any:
+def _kernel(parallel: bool) -> Any:
+    """The compiled kernel: over blocks of coordinates in parallel, or serial (one thread:
+    no thread pool to start, and its cached code loads faster)."""
     nb = _numba()
     assert nb is not None
 
-    @nb.njit(parallel=True, error_model="numpy", cache=True)
     def kernel(
         G: np.ndarray,
         theta: np.ndarray,
@@ -258,4 +273,5 @@ def _kernel() -> Any:
                         for j in range(n):
                             out[j] += w * U[j]
 
-    return kernel
+    kernel.__qualname__ = "window_parallel" if parallel else "window_serial"  # own disk caches
+    return nb.njit(parallel=parallel, error_model="numpy", cache=True)(kernel)

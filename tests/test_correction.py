@@ -271,14 +271,24 @@ def test_per_variable_horizon_keeps_the_default_tolerance_for_adam():
     assert 0 < rel_err(default, exact) < 1e-9 or torch.equal(default, exact)
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "serial"])
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-def test_fused_kernel_in_coordinate_blocks_matches_torch_and_literal(monkeypatch, opt):
+def test_fused_kernel_in_coordinate_blocks_matches_torch_and_literal(monkeypatch, opt, parallel):
     """Blocks of 16 coordinates (d = 31: a full and a ragged block) in float64, and float32
-    against the torch path; heavy ball and Nesterov are forced off the linear path (vmap)."""
+    against the torch path; heavy ball and Nesterov are forced off the linear path (vmap).
+    Both compiled variants (threads over blocks, or one thread) are run."""
     tiny = make_tiny("gelu_mlp")
     optimizer = OPTIMIZERS[opt]
     seq = SEQUENCES["two_epochs"] + SEQUENCES["repeats"]
     monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1)
+    compiled = fused._kernel
+    used = []
+
+    def forced(_: bool):
+        used.append(parallel)
+        return compiled(parallel)
+
+    monkeypatch.setattr(fused, "_kernel", forced)
 
     def both(model, batches):
         a = memory_correction(model, tiny.loss_fn, batches, optimizer, seq, hvp="vmap")
@@ -297,3 +307,4 @@ def test_fused_kernel_in_coordinate_blocks_matches_torch_and_literal(monkeypatch
     assert ours32.dtype == torch.float32
     assert rel_err(ours32.double(), literal) < 1e-4  # float32 rounding over 15 steps
     assert rel_err(ours32, torch32) < 1e-5
+    assert used == [parallel, parallel]  # the kernel ran, in float64 and in float32
