@@ -7,7 +7,8 @@ printed is the median over repeats of those paired ratios (robust to a noisy mac
 
 Targets: memory_correction for heavy ball 1 and 10 epochs deep <= 6, AdamW 10 epochs deep
 <= 15; the literal Eq. (9) loop (O(n) HVPs + O(n^2) sums) >= 20x slower than the engine; the
-exact heavy-ball expectation <= 6.
+exact heavy-ball expectation <= 6. Rows marked "info" break the costs down (the torch window
+without the fused CPU kernel, the batch gradients with their graph, one backward HVP pass).
 
 Usage: python benchmarks/bench_engine.py [--device cuda] [--repeats 7]
 """
@@ -24,6 +25,7 @@ import torch
 
 import noisemem.correction as correction
 from noisemem import expected_correction, memory_correction
+from noisemem.correction import Probe
 from noisemem.data import digits, split_batches
 from noisemem.models import gelu_mlp
 from noisemem.optim import AdamW, HeavyBall
@@ -149,6 +151,15 @@ def main() -> None:
         "exact E[M] heavy ball, 10 epochs",
         lambda: expected_correction(model, loss_fn, problem, hb, epochs=10),
         "<= 6",
+    )
+
+    # what the exact expectation is made of: g, H g and Cov need the batch gradients with
+    # their graph and two backward passes through it (one per Hessian-vector product)
+    add("  batch gradients with their graph (Probe.grads)", lambda: Probe(problem).grads, "info")
+    probe = Probe(problem)
+    G = probe.grads
+    add(
+        "  one backward pass: sum_i H_i w_i (Probe.summed_hvp)", lambda: probe.summed_hvp(G), "info"
     )
 
     a = memory_correction(model, loss_fn, problem, hb, seq10)
