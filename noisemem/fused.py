@@ -244,6 +244,8 @@ def _kernel(parallel: bool) -> Any:
                         Sa[j] = s
                         x = a * s + b * g[j]
                         F[j] = p * th[j] - x / np.sqrt(x * x + eps)
+                # the two Adam loops differ only where eps sits: kept apart on purpose, one
+                # loop with both eps (one of them 0) measured 20-40% slower
                 elif kind == 1:  # ADAM_EPS_IN: x / sqrt(m2 + eps) + p theta
                     for j in range(n):
                         gj = g[j]
