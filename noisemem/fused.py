@@ -276,4 +276,7 @@ def _kernel(parallel: bool) -> Any:
                             out[j] += w * U[j]
 
     kernel.__qualname__ = "window_parallel" if parallel else "window_serial"  # own disk caches
-    return nb.njit(parallel=parallel, error_model="numpy", cache=True)(kernel)
+    try:
+        return nb.njit(parallel=parallel, error_model="numpy", cache=True)(kernel)
+    except RuntimeError:  # nowhere to cache (read-only install, no writable home): compile only
+        return nb.njit(parallel=parallel, error_model="numpy")(kernel)

@@ -308,3 +308,25 @@ def test_fused_kernel_in_coordinate_blocks_matches_torch_and_literal(monkeypatch
     assert rel_err(ours32.double(), literal) < 1e-4  # float32 rounding over 15 steps
     assert rel_err(ours32, torch32) < 1e-5
     assert used == [parallel, parallel]  # the kernel ran, in float64 and in float32
+
+
+def test_fused_kernel_compiles_where_numba_cannot_cache(monkeypatch):
+    """A read-only install with no writable home leaves numba no cache location; the kernel
+    must then compile without one instead of failing the correction."""
+    from numba.core import caching
+
+    tiny = make_tiny("gelu_mlp")
+    opt = OPTIMIZERS["adamw_eps_in_sqrt"]
+    seq = SEQUENCES["two_epochs"]
+    expected = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    fused._kernel.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="no locator"):  # what numba does on its own
+            import numba
+
+            numba.njit(cache=True)(lambda x: x)
+        again = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
+    finally:
+        fused._kernel.cache_clear()
+    assert torch.equal(again, expected)
