@@ -23,8 +23,9 @@ scalar coefficients and a single summed HVP.
 
 On a CPU the window (momentum rows, Phi, suffix sums and scatter) is evaluated by the fused
 kernel of :mod:`noisemem.fused`, one pass per block of coordinates, for the optimizers it
-covers; elsewhere (GPU, other dtypes) by the torch matrix products below. Both give the same
-``w_{l,i}`` and are tested against the literal Eq. (9).
+covers; elsewhere (GPU, other dtypes) in torch: coefficient matrices times the stacked sources
+for up to ``DENSE_MAX_BATCHES`` batches, an O(d) recurrence per step beyond. All three give
+the same ``w_{l,i}`` (same truncation) and are tested against the literal Eq. (9).
 
 Tail truncation (``tail_tol``): terms with k > K are dropped, K the smallest integer with
 
@@ -57,7 +58,8 @@ from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence
 TAIL_TOL = 1e-12
 #: at most this many numbers (window rows x d, summed over variables) are held at once
 MAX_WINDOW_ELEMENTS = 1 << 26
-#: up to this many batches, momentum rows are coefficient matrices times the stacked sources
+#: up to this many batches, the torch window (used where the fused CPU kernel is not) takes
+#: momentum rows as coefficient matrices times the stacked sources; beyond, a recurrence
 DENSE_MAX_BATCHES = 256
 #: on CPU, evaluate the window with the fused kernel of :mod:`noisemem.fused` where it applies
 FUSED = True
@@ -86,6 +88,13 @@ def truncation_horizon(beta: float, tail_tol: float, n: int) -> int:
         else:
             hi = mid
     return max(hi, 1)
+
+
+def memory_weights(beta: float, steps: np.ndarray, n: int, tail_tol: float) -> np.ndarray:
+    """``beta^(n-s)`` for the window's steps s, zero for the steps beyond the variable's own
+    horizon (s < n - K_l, K_l = ``truncation_horizon(beta, tail_tol, n)``): its k > K_l."""
+    own_start = n - truncation_horizon(beta, tail_tol, n)
+    return np.where(steps >= own_start, beta ** (n - steps).astype(np.float64), 0.0)
 
 
 def require_smooth(optimizer: Optimizer) -> None:
@@ -203,11 +212,11 @@ class Probe:
         m = self.problem.num_batches
         if optimizer.linear and hvp != "vmap" and K * m * m <= MAX_WINDOW_ELEMENTS:
             return self._linear_correction(optimizer, sig, start, scales)
-        if FUSED and fused.usable(optimizer, theta):
+        if FUSED and fused.usable(optimizer, theta) and fused.buffer(K) <= MAX_WINDOW_ELEMENTS:
             return self._fused_correction(optimizer, sig, start, scales, memory, hvp, tail_tol)
         if m <= DENSE_MAX_BATCHES:
             return self._dense_correction(optimizer, sig, start, scales, memory, hvp, tail_tol)
-        return self._streamed_correction(optimizer, sig, start, scales, memory, hvp)
+        return self._streamed_correction(optimizer, sig, start, scales, memory, hvp, tail_tol)
 
     def _dense_correction(
         self,
@@ -219,7 +228,7 @@ class Probe:
         hvp: str,
         tail_tol: float,
     ) -> Tensor:
-        """Eq. (9) when there are few distinct batches (m <= DENSE_MAX_BATCHES).
+        """Eq. (9) in torch when there are few distinct batches (m <= DENSE_MAX_BATCHES).
 
         Every momentum row is a coefficient row times the stacked sources,
         ``m_l^(s+1) = b_l^(s+1) C_l[s] @ G_l`` (C_l a first-order filter over the one-hot
@@ -249,14 +258,12 @@ class Probe:
             coef.append(scales[l][:, None] * C)
             gather.append(target)
         B, first = {}, {}
+        steps = np.arange(start, n)
         for l in memory:
             # each variable's own horizon: its terms with k > K_l are dropped (same bound)
             first[l] = K - truncation_horizon(variables[l].beta, tail_tol, n)
             E = np.zeros((K, sources[l].shape[0]))
-            k = n - np.arange(start, n, dtype=np.float64)
-            E[np.arange(K), gather[l][:K]] = np.where(
-                np.arange(K) >= first[l], variables[l].beta ** k, 0.0
-            )
+            E[np.arange(K), gather[l][:K]] = memory_weights(variables[l].beta, steps, n, tail_tol)
             B[l] = np.cumsum(E, axis=0).T  # (rows_l, K); columns before first[l] are zero
         W: list[Tensor | None] = [None] * len(variables)
         for l in memory:
@@ -287,19 +294,17 @@ class Probe:
         """Eq. (9) on the CPU with the window in one fused pass (:mod:`noisemem.fused`):
         the same ``w_l = B_l @ F`` as :meth:`_dense_correction`, without the (K, d) arrays."""
         n = sig.size - 1
-        K = n - start
         variables = optimizer.variables
         g = self.grads
         m = g.shape[0]
         states, weights = {}, {}
-        steps = n - np.arange(start, n, dtype=np.float64)  # k = n - s for the window's rows
+        steps = np.arange(start, n)
         for l in memory:
             v = variables[l]
             c0 = _decay_weights(sig[:start], v.beta, m, Source.GRAD)
             base = g * g if v.source is Source.GRAD_SQ else g
             states[l] = torch.as_tensor(c0, dtype=g.dtype) @ base
-            first = K - truncation_horizon(v.beta, tail_tol, n)
-            weights[l] = np.where(np.arange(K) >= first, v.beta**steps, 0.0)
+            weights[l] = memory_weights(v.beta, steps, n, tail_tol)
         w = fused.window(optimizer, g, self.theta, sig[start:n], states, scales, weights)
         W: list[Tensor | None] = [w.get(l) for l in range(len(variables))]
         return self._finish(
@@ -333,6 +338,7 @@ class Probe:
         scales: np.ndarray,
         memory: list[int],
         hvp: str,
+        tail_tol: float,
     ) -> Tensor:
         """Eq. (9) for many distinct batches: an O(d) recurrence per step and variable,
         streamed in blocks of steps (forward for the states, backward for the suffix sums)."""
@@ -379,7 +385,9 @@ class Probe:
             for l in memory:
                 v = variables[l]
                 weights = torch.as_tensor(
-                    v.beta ** (n - s_idx).astype(np.float64), dtype=theta.dtype, device=theta.device
+                    memory_weights(v.beta, s_idx, n, tail_tol),
+                    dtype=theta.dtype,
+                    device=theta.device,
                 )
                 target = sig[s0:s1] if v.source.uses_grad else np.zeros(s1 - s0, dtype=np.int64)
                 W[l].index_add_(

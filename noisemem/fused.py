@@ -24,8 +24,9 @@ torch path; tests compare both with the literal Eq. (9).
 Which optimizers it covers is read off their type and checked against their momentum
 variables (:func:`form`): HeavyBall and Nesterov (Phi linear), AdamW and NAdamW (eps inside
 or outside the square root), soft-sign Lion. Anything else, a non-CPU tensor, a dtype other
-than float32/float64, or numba missing, uses the torch path. The kernel is compiled by numba
-on first use (a few seconds, cached on disk afterwards) and runs on
+than float32/float64, numba missing, or a window whose buffers (:func:`buffer`) would exceed
+``correction.MAX_WINDOW_ELEMENTS``, uses the torch path. The kernel is compiled by numba
+on first use (a few seconds; cached on disk where numba finds a writable place) and runs on
 ``min(torch.get_num_threads(), numba's threads)`` threads of numba's own ``workqueue`` pool
 (unless ``NUMBA_THREADING_LAYER`` says otherwise).
 """
@@ -45,7 +46,8 @@ from torch import Tensor
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov, Optimizer, Source
 
 LINEAR, ADAM_EPS_IN, ADAM_EPS_OUT, LION = 0, 1, 2, 3
-#: rows of F a block of coordinates keeps at once (times the block width)
+#: aim for this many numbers of F per block of coordinates (its rows times the block width;
+#: blocks are 16 to 1024 coordinates wide, so long windows hold 16 K each: see :func:`buffer`)
 BLOCK_ELEMENTS = 1 << 17
 
 
@@ -121,6 +123,22 @@ def usable(optimizer: Optimizer, theta: Tensor) -> bool:
     )
 
 
+def _block(K: int) -> int:
+    """Block width (coordinates) for a window of K steps."""
+    return max(16, min(1024, (BLOCK_ELEMENTS // max(K, 1)) // 16 * 16))
+
+
+def _threads() -> int:
+    nb = _numba()
+    assert nb is not None
+    return max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
+
+
+def buffer(K: int) -> int:
+    """Numbers of F the kernel holds at once for a window of K steps (all threads)."""
+    return _block(K) * K * _threads()
+
+
 def window(
     optimizer: Optimizer,
     grads: Tensor,
@@ -134,7 +152,8 @@ def window(
 
     ``grads`` (m, d): the batch gradients g_i; ``target`` (K,): the batch of each step;
     ``states[l]`` (d,): the unscaled sum of variable l (a or q) before the window, built from
-    g (not -g); ``scales`` (L, K): b_l^(s+1) for the window's steps; ``weights[l]`` (K,):
+    g (not -g); ``scales`` (L, K or more): b_l^(s+1) for the window's steps in its first K
+    columns; ``weights[l]`` (K,):
     beta_l^(n-s), zero outside the variable's horizon. Returns ``{l: w_l}`` ((m, d) each).
     """
     f = form(optimizer)
@@ -162,9 +181,9 @@ def window(
         if l is not None and l in weights:
             wts[s] = weights[l]
     W = np.zeros((2, m, d), dtype=np_dtype)
-    block = max(16, min(1024, (BLOCK_ELEMENTS // max(K, 1)) // 16 * 16))
+    block = _block(K)
     scalar = np_dtype
-    threads = max(1, min(torch.get_num_threads(), nb.config.NUMBA_NUM_THREADS))
+    threads = _threads()
     with _LOCK:
         if threads > 1:
             nb.set_num_threads(threads)

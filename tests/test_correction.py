@@ -330,3 +330,31 @@ def test_fused_kernel_compiles_where_numba_cannot_cache(monkeypatch):
     finally:
         fused._kernel.cache_clear()
     assert torch.equal(again, expected)
+
+
+@pytest.mark.parametrize("path", ["fused", "dense", "streamed"])
+def test_every_path_truncates_each_variable_at_its_own_horizon(monkeypatch, path):
+    """With tail_tol > 0 and a window starting after step 0, beta1 = 0.5 keeps ~30 terms and
+    beta2 = 0.9 ~300: every path must drop exactly the same terms (float64, 1e-12)."""
+    tiny = make_tiny("gelu_mlp")
+    seq = [j * 7 % 4 for j in range(400)]
+    opt = AdamW(0.01, 0.5, 0.9, 1e-3, weight_decay=0.1)
+    tol = 1e-6
+    n = len(seq) - 1
+    assert 1 < truncation_horizon(0.5, tol, n) < truncation_horizon(0.9, tol, n) < n
+
+    def correction_via(fused_on: bool, dense_max: int) -> torch.Tensor:
+        with monkeypatch.context() as patch:
+            patch.setattr(correction, "FUSED", fused_on)
+            patch.setattr(correction, "DENSE_MAX_BATCHES", dense_max)
+            return memory_correction(
+                tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=tol, hvp="vmap"
+            )
+
+    reference = {"torch dense": correction_via(False, 256)}
+    reference[path] = correction_via(path == "fused", 0 if path == "streamed" else 256)
+    assert rel_err(reference[path], reference["torch dense"]) < 1e-12
+    untruncated = memory_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=0, hvp="vmap"
+    )
+    assert 0 < rel_err(reference[path], untruncated) < 1e-4  # something was dropped, a little
