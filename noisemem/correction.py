@@ -295,17 +295,11 @@ class Probe:
         the same ``w_l = B_l @ F`` as :meth:`_dense_correction`, without the (K, d) arrays."""
         n = sig.size - 1
         variables = optimizer.variables
-        g = self.grads
-        m = g.shape[0]
-        states, weights = {}, {}
+        before = self._initial_states(optimizer, self.sources(optimizer), sig, start)
         steps = np.arange(start, n)
-        for l in memory:
-            v = variables[l]
-            c0 = _decay_weights(sig[:start], v.beta, m, Source.GRAD)
-            base = g * g if v.source is Source.GRAD_SQ else g
-            states[l] = torch.as_tensor(c0, dtype=g.dtype) @ base
-            weights[l] = memory_weights(v.beta, steps, n, tail_tol)
-        w = fused.window(optimizer, g, self.theta, sig[start:n], states, scales, weights)
+        states = {l: before[l] for l in memory}
+        weights = {l: memory_weights(variables[l].beta, steps, n, tail_tol) for l in memory}
+        w = fused.window(optimizer, self.grads, self.theta, sig[start:n], states, scales, weights)
         W: list[Tensor | None] = [w.get(l) for l in range(len(variables))]
         return self._finish(
             optimizer, W, sig[start:n], scales[:, -1], self.momenta(optimizer, sig), hvp

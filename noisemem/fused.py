@@ -151,10 +151,10 @@ def window(
     """``w_l = B_l @ F`` over a window of K steps for the variables in ``weights``.
 
     ``grads`` (m, d): the batch gradients g_i; ``target`` (K,): the batch of each step;
-    ``states[l]`` (d,): the unscaled sum of variable l (a or q) before the window, built from
-    g (not -g); ``scales`` (L, K or more): b_l^(s+1) for the window's steps in its first K
-    columns; ``weights[l]`` (K,):
-    beta_l^(n-s), zero outside the variable's horizon. Returns ``{l: w_l}`` ((m, d) each).
+    ``states[l]`` (d,): the unscaled sum S_l of variable l (a or q) before the window, of its
+    own source (-g for Lion); ``scales`` (L, K or more): b_l^(s+1) for the window's steps in
+    its first K columns; ``weights[l]`` (K,): beta_l^(n-s), zero outside the variable's
+    horizon. Returns ``{l: w_l}`` ((m, d) each).
     """
     f = form(optimizer)
     nb = _numba()
@@ -173,7 +173,7 @@ def window(
     sign_a = -1.0 if v[f.a].source is Source.NEG_GRAD else 1.0
     sign_b = -1.0 if f.b is not None and v[f.b].source is Source.NEG_GRAD else 1.0
     zeros = torch.zeros(d, dtype=dtype)
-    state_a = states.get(f.a, zeros)
+    state_a = sign_a * states.get(f.a, zeros)  # the kernel sums g; the sign sits in the scales
     state_q = states.get(f.q, zeros) if f.q is not None else zeros
     slots = [f.a, f.q]
     wts = np.zeros((2, K), dtype=np_dtype)
@@ -252,12 +252,12 @@ def _kernel(parallel: bool) -> Any:
                 g = G[target[r], j0:j1]
                 F = Fbuf[r]
                 a, b, q, p = ca[r], cb[r], cq[r], cp[r]
-                if kind == 0:  # LINEAR
+                if kind == LINEAR:
                     for j in range(n):
                         s = beta_a * Sa[j] + g[j]
                         Sa[j] = s
                         F[j] = a * s + b * g[j] + p * th[j]
-                elif kind == 3:  # LION: -x / sqrt(x^2 + eps) + p theta
+                elif kind == LION:  # -x / sqrt(x^2 + eps) + p theta
                     for j in range(n):
                         s = beta_a * Sa[j] + g[j]
                         Sa[j] = s
@@ -265,7 +265,7 @@ def _kernel(parallel: bool) -> Any:
                         F[j] = p * th[j] - x / np.sqrt(x * x + eps)
                 # the two Adam loops differ only where eps sits: kept apart on purpose, one
                 # loop with both eps (one of them 0) measured 20-40% slower
-                elif kind == 1:  # ADAM_EPS_IN: x / sqrt(m2 + eps) + p theta
+                elif kind == ADAM_EPS_IN:  # x / sqrt(m2 + eps) + p theta
                     for j in range(n):
                         gj = g[j]
                         s = beta_a * Sa[j] + gj
