@@ -121,44 +121,55 @@ class Probe:
         self.theta = (problem.theta if theta is None else theta).detach()
         self.keep_graph = keep_graph
         self._grads: Tensor | None = None
-        self._graph: tuple[Tensor, Tensor] | None = None  # (leaf theta, grads with graph)
+        # (leaf theta, its per-batch copies, batch gradients with their graph)
+        self._graph: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def grads(self) -> Tensor:
         if self._grads is None:
             if self.keep_graph:
-                # one leaf copy of theta per batch: G_i depends on its own copy only, so a
-                # backward pass with cotangents W returns every H_i W[i] separately
+                # one copy of theta per batch (an expanded view of one leaf): G_i depends on
+                # its own copy only, so a backward pass with cotangents W returns every
+                # H_i W[i] separately at the copies, and their sum at the leaf
                 m = self.problem.num_batches
-                leaf = self.theta.expand(m, -1).clone().requires_grad_(True)
-                G = self.problem.batch_grads_at(leaf)
-                self._graph = (leaf, G)
+                leaf = self.theta.clone().requires_grad_(True)
+                with torch.enable_grad():
+                    copies = leaf.expand(m, -1)
+                G = self.problem.batch_grads_at(copies)
+                self._graph = (leaf, copies, G)
                 self._grads = G.detach()
             else:
                 self._grads = self.problem.batch_grads(self.theta)
         return self._grads
 
-    def batch_hvps(self, W: Tensor) -> Tensor:
-        """``H_i(theta) W[i]`` for every batch i (``W`` and the result are ``(m, d)``)."""
+    def _hvp(self, W: Tensor, summed: bool) -> Tensor:
         self.grads  # noqa: B018 - builds the graph
         if self._graph is None:
             index = torch.arange(self.problem.num_batches, device=self.theta.device)
-            return self.problem.batch_hvps(self.theta, index, W)
-        leaf, G = self._graph
-        return torch.autograd.grad(G, leaf, grad_outputs=W, retain_graph=True)[0]
+            out = self.problem.batch_hvps(self.theta, index, W)
+            return out.sum(0) if summed else out
+        leaf, copies, G = self._graph
+        wrt = leaf if summed else copies
+        return torch.autograd.grad(G, wrt, grad_outputs=W, retain_graph=True)[0]
+
+    def batch_hvps(self, W: Tensor) -> Tensor:
+        """``H_i(theta) W[i]`` for every batch i (``W`` and the result are ``(m, d)``)."""
+        return self._hvp(W, summed=False)
 
     def summed_hvp(self, W: Tensor) -> Tensor:
-        """``sum_i H_i(theta) W[i]`` over every batch i (``W`` is ``(m, d)``)."""
-        return self.batch_hvps(W).sum(0)
+        """``sum_i H_i(theta) W[i]`` over every batch i (``W`` is ``(m, d)``; may be an
+        expanded view): one backward pass, summed at the leaf (no ``(m, d)`` result)."""
+        return self._hvp(W, summed=True)
 
     def hessian_moments(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(g, H g, Cov)`` with g = mean_i g_i and Cov = mean_i H_i g_i - H g (THEORY §4),
-        from two backward passes through the batch gradients' graph."""
+        from two backward passes through the batch gradients' graph (the 1/m is applied to
+        the results, not to the ``(m, d)`` cotangents)."""
         G = self.grads
         m = G.shape[0]
         g = G.mean(0)
-        Hg = self.summed_hvp(g.expand_as(G) / m)
-        return g, Hg, self.summed_hvp(G / m) - Hg
+        Hg = self.summed_hvp(g.expand_as(G)) / m
+        return g, Hg, self.summed_hvp(G) / m - Hg
 
     def sources(self, optimizer: Optimizer) -> list[Tensor]:
         """``G_l^i(theta)`` per variable: ``(m, d)``, or ``(1, d)`` for the PARAM source."""
