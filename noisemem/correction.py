@@ -123,6 +123,8 @@ class Probe:
         self._grads: Tensor | None = None
         # (leaf theta, its per-batch copies, batch gradients with their graph)
         self._graph: tuple[Tensor, Tensor, Tensor] | None = None
+        self._hg: Tensor | None = None
+        self._moments: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def grads(self) -> Tensor:
@@ -161,15 +163,31 @@ class Probe:
         expanded view): one backward pass, summed at the leaf (no ``(m, d)`` result)."""
         return self._hvp(W, summed=True)
 
+    # -- full-loss quantities at theta, from the same graph (L = mean_i L_i) -------------
+    def full_grad(self) -> Tensor:
+        """``g = grad L = mean_i g_i``."""
+        return self.grads.mean(0)
+
+    def full_hvp(self, v: Tensor) -> Tensor:
+        """``H v = mean_i H_i v``: one backward pass (the 1/m is applied to the result)."""
+        G = self.grads
+        return self.summed_hvp(v.expand_as(G)) / G.shape[0]
+
     def hessian_moments(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(g, H g, Cov)`` with g = mean_i g_i and Cov = mean_i H_i g_i - H g (THEORY §4),
-        from two backward passes through the batch gradients' graph (the 1/m is applied to
-        the results, not to the ``(m, d)`` cotangents)."""
-        G = self.grads
-        m = G.shape[0]
-        g = G.mean(0)
-        Hg = self.summed_hvp(g.expand_as(G)) / m
-        return g, Hg, self.summed_hvp(G) / m - Hg
+        from two backward passes through the batch gradients' graph; computed once per
+        probe (H g alone, for the full-batch predictions, costs one pass)."""
+        if self._moments is None:
+            G = self.grads
+            g, Hg = self.full_grad(), self.hessian_gradient()
+            self._moments = (g, Hg, self.summed_hvp(G) / G.shape[0] - Hg)
+        return self._moments
+
+    def hessian_gradient(self) -> Tensor:
+        """``H g``: one backward pass, computed once (shared with :meth:`hessian_moments`)."""
+        if self._hg is None:
+            self._hg = self.full_hvp(self.full_grad())
+        return self._hg
 
     def sources(self, optimizer: Optimizer) -> list[Tensor]:
         """``G_l^i(theta)`` per variable: ``(m, d)``, or ``(1, d)`` for the PARAM source."""

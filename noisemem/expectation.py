@@ -178,16 +178,24 @@ def noise_scales(sampling: str, num_batches: int, batch_size: int) -> tuple[floa
 
 
 def exact_expectation(
-    problem: Problem, optimizer: Optimizer, sampling: str, step: int, epochs: int
+    problem: Problem,
+    optimizer: Optimizer,
+    sampling: str,
+    step: int,
+    epochs: int,
+    probe: Probe | None = None,
 ) -> Expectation:
-    """The exact E[M^(n)] for a linear optimizer (module docstring)."""
+    """The exact E[M^(n)] for a linear optimizer (module docstring); g, H g and Cov from
+    ``probe`` (a :class:`Probe` of ``problem``; built here if not given)."""
     if not all(v.source is Source.GRAD for v in optimizer.variables):
         raise ValueError(f"optimizer: {optimizer.name} is not linear in the gradients")
     C = pair_coefficients(optimizer, step, problem.num_batches)
     s_same, s_diff = noise_scales(sampling, problem.num_batches, problem.batch_size)
-    _, Hg, V = Probe(problem).hessian_moments()
+    probe = probe if probe is not None else Probe(problem)
     if sampling == "reshuffle":
-        V = Probe(per_sample_problem(problem)).hessian_moments()[2]
+        Hg, V = probe.hessian_gradient(), Probe(per_sample_problem(problem)).hessian_moments()[2]
+    else:
+        _, Hg, V = probe.hessian_moments()
     c_full = C["same"] + C["epoch"] + C["cross"]
     c_noise = C["same"] * s_same + C["epoch"] * s_diff
     full_part = optimizer.lr * c_full * Hg

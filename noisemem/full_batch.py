@@ -56,7 +56,7 @@ def adam_memory_weight(beta: float, step: int | None) -> float:
     return beta / (1 - beta) - (n + 1) * beta ** (n + 1) / (1 - beta ** (n + 1))
 
 
-def _adam_family(problem: Problem, opt: AdamW | NAdamW, step: int | None) -> Tensor:
+def _adam_family(probe: Probe, opt: AdamW | NAdamW, step: int | None) -> Tensor:
     """Lemma K.2 (AdamW) and its NAdam analogue, both eps conventions.
 
     eps inside the sqrt (the paper's), with D = g^2 + eps:
@@ -67,8 +67,8 @@ def _adam_family(problem: Problem, opt: AdamW | NAdamW, step: int | None) -> Ten
     c1 = 1 for AdamW, beta1 for NAdam (Appendix E: beta1^2 in place of beta1 in the limit).
     Exact at finite n because bias correction makes F^(s)(theta) = phi for every s.
     """
-    theta = problem.theta
-    g = problem.full_grad(theta)
+    theta = probe.theta
+    g = probe.full_grad()
     a1 = adam_memory_weight(opt.beta1, step)
     a2 = adam_memory_weight(opt.beta2, step)
     c1 = opt.beta1 if isinstance(opt, NAdamW) else 1.0
@@ -80,10 +80,10 @@ def _adam_family(problem: Problem, opt: AdamW | NAdamW, step: int | None) -> Ten
         r = torch.abs(g)
         phi = g / (r + opt.eps) + opt.weight_decay * theta
         coef = c1 * a1 / (r + opt.eps) - a2 * r / (r + opt.eps) ** 2
-    return opt.lr * coef * problem.full_hvp(theta, phi)
+    return opt.lr * coef * probe.full_hvp(phi)
 
 
-def _lion(problem: Problem, opt: Lion, step: int | None) -> Tensor:
+def _lion(probe: Probe, opt: Lion, step: int | None) -> Tensor:
     """Lemma K.3 and its bias-corrected variant (Appendix L); hess K diagonal.
 
     No bias correction, finite n:
@@ -95,8 +95,8 @@ def _lion(problem: Problem, opt: Lion, step: int | None) -> Tensor:
         M = h rho1 [1/(1-rho2) - (n+1) rho2^n/(1-rho2^(n+1))] hessK(-g) . H F.
     Limit (both): M = -h rho1/(1-rho2) hessK(-g) H [gradK(-g) - lambda theta].
     """
-    theta = problem.theta
-    g = problem.full_grad(theta)
+    theta = probe.theta
+    g = probe.full_grad()
     r1, r2, lam = opt.rho1, opt.rho2, opt.weight_decay
     if step is None or opt.bias_correction:
         F = -opt.grad_k(-g) + lam * theta
@@ -105,13 +105,13 @@ def _lion(problem: Problem, opt: Lion, step: int | None) -> Tensor:
         else:
             n = step
             coef = r1 * (1 / (1 - r2) - (n + 1) * r2**n / (1 - r2 ** (n + 1)))
-        return opt.lr * coef * opt.hess_k(-g) * problem.full_hvp(theta, F)
+        return opt.lr * coef * opt.hess_k(-g) * probe.full_hvp(F)
     n = step
     v = torch.zeros_like(theta)
     for s in range(n):
         weight = r2 ** (n - s - 1) * (1 - r2 ** (s + 1)) / (1 - r2)
         v = v + weight * (-opt.grad_k(-(1 - r1 * r2**s) * g) + lam * theta)
-    H_v = problem.full_hvp(theta, v)
+    H_v = probe.full_hvp(v)
     return opt.lr * r1 * (1 - r2) * opt.hess_k(-(1 - r1 * r2**n) * g) * H_v
 
 
@@ -141,27 +141,31 @@ def full_batch_correction(
     return full_batch_prediction(problem, optimizer, None if step is None else int(step))
 
 
-def full_batch_prediction(problem: Problem, optimizer: Optimizer, step: int | None) -> Tensor:
-    """:func:`full_batch_correction` at ``problem.theta`` (arguments already checked)."""
+def full_batch_prediction(
+    problem: Problem, optimizer: Optimizer, step: int | None, probe: Probe | None = None
+) -> Tensor:
+    """:func:`full_batch_correction` at ``problem.theta`` (arguments already checked).
+
+    g and the Hessian-vector products come from ``probe`` (a :class:`Probe` of ``problem``,
+    built here if not given): one backward pass through its batch gradients' graph, and none
+    for heavy ball and Nesterov once the probe holds H g (:meth:`Probe.hessian_gradient`).
+    """
+    if isinstance(optimizer, NAdamW) and optimizer.momentum_decay is not None and step is not None:
+        data = [(problem.X.flatten(0, 1), problem.Y.flatten(0, 1))]
+        full = Problem(problem.model, problem.loss_fn, data).at(problem.theta)
+        return Probe(full).memory_correction(optimizer, [0] * (step + 1), tail_tol=0.0)
+    probe = probe if probe is not None else Probe(problem)
     if isinstance(optimizer, HeavyBall):
         c = heavy_ball_coefficient(optimizer.beta, step)
     elif isinstance(optimizer, Nesterov):
         c = nesterov_coefficient(optimizer.beta, step)
-    elif (
-        isinstance(optimizer, NAdamW) and optimizer.momentum_decay is not None and step is not None
-    ):
-        data = [(problem.X.flatten(0, 1), problem.Y.flatten(0, 1))]
-        full = Problem(problem.model, problem.loss_fn, data).at(problem.theta)
-        return Probe(full).memory_correction(optimizer, [0] * (step + 1), tail_tol=0.0)
     elif isinstance(optimizer, AdamW | NAdamW):
-        return _adam_family(problem, optimizer, step)
+        return _adam_family(probe, optimizer, step)
     elif isinstance(optimizer, Lion):
-        return _lion(problem, optimizer, step)
+        return _lion(probe, optimizer, step)
     else:
         raise ValueError(
             f"optimizer: no full-batch closed form for {type(optimizer).__name__}; "
             "allowed: HeavyBall, Nesterov, AdamW, NAdamW, Lion"
         )
-    theta = problem.theta
-    g = problem.full_grad(theta)
-    return optimizer.lr * c * problem.full_hvp(theta, g)
+    return optimizer.lr * c * probe.hessian_gradient()

@@ -123,10 +123,6 @@ class Problem:
 
         return grad(pairing)(theta)
 
-    def full_hvp(self, theta: Tensor, v: Tensor) -> Tensor:
-        """``H(theta) v`` for the full loss."""
-        return jvp(grad(self.full_loss), (theta,), (v,))[1]
-
 
 def as_problem(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Problem) -> Problem:
     return batches if isinstance(batches, Problem) else Problem(model, loss_fn, batches)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny, rel_err
-from oracles import batch_gradient, literal_correction
+from oracles import batch_gradient, flat_loss, literal_correction
 
-from noisemem import full_batch_correction, memory_correction
-from noisemem.full_batch import heavy_ball_coefficient, nesterov_coefficient
+from noisemem import expected_correction, full_batch_correction, memory_correction
+from noisemem.correction import Probe
+from noisemem.expectation import exact_expectation
+from noisemem.full_batch import full_batch_prediction, heavy_ball_coefficient, nesterov_coefficient
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov
+from noisemem.problem import Problem
 
 CLOSED_FORMS = {
     "heavy_ball": HeavyBall(0.1, 0.9),
@@ -126,3 +129,57 @@ def test_bad_step_and_sign_lion_are_refused():
         full_batch_correction(tiny.model, tiny.loss_fn, tiny.batches, HeavyBall(0.1, 0.9), step=-1)
     with pytest.raises(ValueError, match="eps > 0"):
         full_batch_correction(tiny.model, tiny.loss_fn, tiny.batches, Lion(0.1, 0.9, 0.99))
+
+
+def test_one_probe_serves_every_prediction_and_matches_the_dense_hessian(tiny):
+    """The study shares one Probe (one graph of the batch gradients) between the noise
+    direction, every full-batch prediction and the exact expectation; its g, H g, Cov and
+    H v must equal the dense full-loss Hessian's, and sharing must not change any result."""
+    problem = Problem(tiny.model, tiny.loss_fn, tiny.batches)
+    theta = problem.theta
+    full_batch = tiny.full[0]
+
+    def full_loss(t: torch.Tensor) -> torch.Tensor:
+        return flat_loss(tiny.model, tiny.loss_fn, t, full_batch)
+
+    H = torch.autograd.functional.hessian(full_loss, theta)
+    g = torch.autograd.functional.jacobian(full_loss, theta)
+    H_i = [
+        torch.autograd.functional.hessian(
+            lambda t, b=b: flat_loss(tiny.model, tiny.loss_fn, t, b), theta
+        )
+        for b in tiny.batches
+    ]
+    G = torch.stack(
+        [batch_gradient(tiny.model, tiny.loss_fn, theta, b).detach() for b in tiny.batches]
+    )
+    cov = torch.stack([h @ gi for h, gi in zip(H_i, G, strict=True)]).mean(0) - H @ g
+
+    probe = Probe(problem)
+    g_p, Hg_p, cov_p = probe.hessian_moments()
+    assert rel_err(g_p, g) < 1e-12
+    assert rel_err(Hg_p, H @ g) < 1e-12
+    assert float(cov.norm()) > 1e-6 and rel_err(cov_p, cov) < 1e-12
+    v = torch.linspace(-1.0, 1.0, theta.numel(), dtype=theta.dtype)
+    assert rel_err(probe.full_hvp(v), H @ v) < 1e-12
+    assert probe.hessian_moments() is probe.hessian_moments()  # computed once per probe
+
+    for name, optimizer in CLOSED_FORMS.items():
+        for step in (None, 3):
+            shared = full_batch_prediction(problem, optimizer, step, probe)
+            fresh = full_batch_correction(
+                tiny.model, tiny.loss_fn, tiny.batches, optimizer, step=step
+            )
+            assert rel_err(shared, fresh) < 1e-12, (name, step)
+    for sampling in ("permute", "reshuffle", "replacement"):
+        shared_e = exact_expectation(problem, HeavyBall(0.1, 0.9), sampling, 5, 2, probe)
+        fresh_e = expected_correction(
+            tiny.model,
+            tiny.loss_fn,
+            tiny.batches,
+            HeavyBall(0.1, 0.9),
+            epochs=2,
+            step=5,
+            sampling=sampling,
+        )
+        assert rel_err(shared_e.mean, fresh_e.mean) < 1e-12, sampling
