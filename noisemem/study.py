@@ -136,11 +136,13 @@ class Context:
             probes[f"ref{s}"] = theta
         return probes
 
-    def noise_direction(self, at: Problem) -> Tensor:
-        """Cov at ``at.theta``: per batch, or per sample under reshuffling (THEORY §4)."""
+    def noise_direction(self, at: Problem, probe: Probe | None = None) -> Tensor:
+        """Cov at ``at.theta``: per batch, or per sample under reshuffling (THEORY §4).
+        ``probe`` (a :class:`Probe` of ``at``) lends its batch gradients' graph to the
+        per-batch case instead of building a second one."""
         if self.spec.training.sampling == "reshuffle":
             return Probe(per_sample_problem(at)).hessian_moments()[2]
-        return Probe(at).hessian_moments()[2]
+        return (probe if probe is not None else Probe(at)).hessian_moments()[2]
 
     def probe_steps(self) -> list[int]:
         return [e * self.m - 1 for e in range(1, self.spec.training.epochs + 1)]
@@ -278,9 +280,9 @@ def run_chunk(
             continue
         at = ctx.problem.at(theta)
         probe = Probe(at)
-        noise = ctx.noise_direction(at)
+        noise = ctx.noise_direction(at, probe)
         for n in steps_of:
-            fb = full_batch_prediction(at, opt, n)
+            fb = full_batch_prediction(at, opt, n, probe)
             acc = Moments.empty(d)
             for p, run in zip(indices, runs, strict=True):
                 M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
@@ -297,9 +299,9 @@ def run_chunk(
                     continue
                 at = ctx.problem.at(ens.epoch_thetas[e][j])
                 probe = Probe(at)
-                noise = ctx.noise_direction(at)
+                noise = ctx.noise_direction(at, probe)
                 M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
-                fb = full_batch_prediction(at, opt, n)
+                fb = full_batch_prediction(at, opt, n, probe)
                 if bool(torch.isfinite(M).all()):
                     acc.add(M)
                 record("epoch", n, p, M, fb, noise)
@@ -410,13 +412,14 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
         if theta is None:
             continue
         at = ctx.problem.at(theta)
-        add(name, None, "noise_direction", ctx.noise_direction(at), {})
-        add(name, None, "full_batch_limit", full_batch_prediction(at, opt, None), {})
+        probe = Probe(at)  # one graph of the batch gradients, shared by every prediction
+        add(name, None, "noise_direction", ctx.noise_direction(at, probe), {})
+        add(name, None, "full_batch_limit", full_batch_prediction(at, opt, None, probe), {})
         for n in ctx.probe_steps():
-            add(name, n, "full_batch", full_batch_prediction(at, opt, n), {})
+            add(name, n, "full_batch", full_batch_prediction(at, opt, n, probe), {})
             if opt.linear:
                 ex = exact_expectation(
-                    at, opt, ctx.spec.training.sampling, n, ctx.spec.training.epochs
+                    at, opt, ctx.spec.training.sampling, n, ctx.spec.training.epochs, probe
                 )
                 coef = dict(ex.coefficients or {})
                 assert ex.full_batch_part is not None and ex.noise_part is not None
