@@ -46,7 +46,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.signal import lfilter
 from torch import Tensor, nn
 from torch.func import jvp
 
@@ -88,6 +87,32 @@ def truncation_horizon(beta: float, tail_tol: float, n: int) -> int:
         else:
             hi = mid
     return max(hi, 1)
+
+
+#: rows per block of :func:`decay_filter`
+_FILTER_BLOCK = 64
+
+
+def decay_filter(x: np.ndarray, beta: float, init: np.ndarray | float = 0.0) -> np.ndarray:
+    """``y[r] = x[r] + beta y[r-1]`` along axis 0, with ``y[-1] = init``, in float64.
+
+    Blocks of ``_FILTER_BLOCK`` rows are one product with the lower-triangular matrix
+    ``beta^(r-j)`` plus ``beta^(r+1)`` times the carried row: no negative powers of beta
+    (nothing to overflow), and O(K) numpy calls / 64 instead of a Python loop over the rows.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    T = _FILTER_BLOCK
+    lag = np.subtract.outer(np.arange(T), np.arange(T))
+    L = np.where(lag >= 0, beta ** np.maximum(lag, 0).astype(np.float64), 0.0)
+    carry_pow = beta ** np.arange(1, T + 1, dtype=np.float64)
+    flat = x.reshape(x.shape[0], -1)
+    out = np.empty_like(flat)
+    carry = np.broadcast_to(np.asarray(init, dtype=np.float64), flat.shape[1:]).reshape(-1)
+    for s in range(0, flat.shape[0], T):
+        t = min(T, flat.shape[0] - s)
+        out[s : s + t] = L[:t, :t] @ flat[s : s + t] + carry_pow[:t, None] * carry[None, :]
+        carry = out[s + t - 1]
+    return out.reshape(x.shape)
 
 
 def memory_weights(beta: float, steps: np.ndarray, n: int, tail_tol: float) -> np.ndarray:
@@ -283,7 +308,7 @@ class Probe:
             onehot = np.zeros((K + 1, rows))
             onehot[np.arange(K + 1), target] = 1.0
             c0 = _decay_weights(sig[:start], v.beta, rows, v.source)
-            C = lfilter([1.0], [1.0, -v.beta], onehot, axis=0, zi=v.beta * c0[None, :])[0]
+            C = decay_filter(onehot, v.beta, c0)
             coef.append(scales[l][:, None] * C)
             gather.append(target)
         B, first = {}, {}
@@ -437,7 +462,7 @@ class Probe:
         f = np.zeros((K, m))  # F^(s) = sum_i f[r, i] g_i
         for l, v in enumerate(optimizer.variables):
             c0 = _decay_weights(sig[:start], v.beta, m, v.source)
-            C = lfilter([1.0], [1.0, -v.beta], onehot, axis=0, zi=v.beta * c0[None, :])[0]
+            C = decay_filter(onehot, v.beta, c0)
             f += scales[l, :K, None] * C
         U = np.cumsum(f[::-1], axis=0)[::-1]  # U[r] = coefficients of u_k, k = n - start - r
         A = np.zeros((m, m))

@@ -37,10 +37,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.signal import lfilter
 from torch import Tensor, nn
 
-from noisemem.correction import TAIL_TOL, Probe, require_smooth
+from noisemem.correction import TAIL_TOL, Probe, decay_filter, require_smooth
 from noisemem.noise import per_sample_problem
 from noisemem.optim import Optimizer, Source
 from noisemem.problem import Batch, LossFn, Problem, as_problem
@@ -114,7 +113,7 @@ def pair_coefficients(optimizer: Optimizer, step: int, num_batches: int) -> dict
     d = sum(b[l, n] * beta ** (n - a) for l, beta in enumerate(betas))  # dF^(n)/dtheta^(a)
     same = epoch = total = 0.0
     for l, beta in enumerate(betas):
-        R = lfilter([1.0], [1.0, -beta], b[l, :n][::-1])[::-1]  # R[t] = b + beta R[t+1]
+        R = decay_filter(b[l, :n][::-1], beta)[::-1]  # R[t] = b + beta R[t+1]
         prefix = np.concatenate([[0.0], np.cumsum(R)])  # prefix[j] = sum_{c<j} R(c)
         upto_epoch = (1 - beta ** (a - first + 1)) / (1 - beta)  # sum beta^(a-c), c in [first, a]
         upto_all = (1 - beta ** (a + 1)) / (1 - beta)  # c in [0, a]

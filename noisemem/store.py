@@ -32,12 +32,14 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
+
+if TYPE_CHECKING:  # pandas is imported where frames are built: study actors never need it
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 TABLES = ("runs", "steps", "corrections", "moments", "predictions")
@@ -264,6 +266,7 @@ def merged_moments(moments: pd.DataFrame) -> pd.DataFrame:
     """E[M] and its per-coordinate standard error per (config, probe, step), merged over
     chunks from the sufficient statistics (count, sum, sum of squares)."""
     import numpy as np
+    import pandas as pd
 
     rows = []
     for (config, probe, step), group in moments.groupby(["config", "probe", "step"], sort=True):

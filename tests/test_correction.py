@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny, rel_err
@@ -358,3 +359,26 @@ def test_every_path_truncates_each_variable_at_its_own_horizon(monkeypatch, path
         tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=0, hvp="vmap"
     )
     assert 0 < rel_err(reference[path], untruncated) < 1e-4  # something was dropped, a little
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 0.999])
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 300])
+def test_decay_filter_is_the_first_order_recurrence(beta, rows):
+    """The momentum coefficients' filter against the row-by-row recurrence and scipy's
+    lfilter (2-D with an initial row, 1-D without), across block edges."""
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 5))
+    init = rng.standard_normal(5)
+    y = correction.decay_filter(x, beta, init)
+    prev, want = init, np.empty_like(x)
+    for r in range(rows):
+        prev = x[r] + beta * prev
+        want[r] = prev
+    assert np.abs(y - want).max() <= 1e-13 * np.abs(want).max()
+    ref = lfilter([1.0], [1.0, -beta], x, axis=0, zi=beta * init[None, :])[0]
+    assert np.abs(y - ref).max() <= 1e-13 * np.abs(ref).max()
+    one = correction.decay_filter(x[:, 0], beta)
+    assert one.shape == (rows,)
+    assert np.abs(one - lfilter([1.0], [1.0, -beta], x[:, 0])).max() <= 1e-13 * np.abs(one).max()
