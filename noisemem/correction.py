@@ -40,6 +40,7 @@ keeps every term.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -93,6 +94,19 @@ def truncation_horizon(beta: float, tail_tol: float, n: int) -> int:
 _FILTER_BLOCK = 64
 
 
+@functools.lru_cache(maxsize=64)
+def _filter_matrices(beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The block matrix ``beta^(r-j)`` (r >= j) and the carry powers ``beta^(r+1)`` of
+    :func:`decay_filter` (read-only; cached, since a study reuses a few betas)."""
+    T = _FILTER_BLOCK
+    lag = np.subtract.outer(np.arange(T), np.arange(T))
+    L = np.where(lag >= 0, beta ** np.maximum(lag, 0).astype(np.float64), 0.0)
+    carry_pow = beta ** np.arange(1, T + 1, dtype=np.float64)
+    L.flags.writeable = False
+    carry_pow.flags.writeable = False
+    return L, carry_pow
+
+
 def decay_filter(x: np.ndarray, beta: float, init: np.ndarray | float = 0.0) -> np.ndarray:
     """``y[r] = x[r] + beta y[r-1]`` along axis 0, with ``y[-1] = init``, in float64.
 
@@ -102,9 +116,7 @@ def decay_filter(x: np.ndarray, beta: float, init: np.ndarray | float = 0.0) -> 
     """
     x = np.asarray(x, dtype=np.float64)
     T = _FILTER_BLOCK
-    lag = np.subtract.outer(np.arange(T), np.arange(T))
-    L = np.where(lag >= 0, beta ** np.maximum(lag, 0).astype(np.float64), 0.0)
-    carry_pow = beta ** np.arange(1, T + 1, dtype=np.float64)
+    L, carry_pow = _filter_matrices(float(beta))
     flat = x.reshape(x.shape[0], -1)
     out = np.empty_like(flat)
     carry = np.broadcast_to(np.asarray(init, dtype=np.float64), flat.shape[1:]).reshape(-1)
@@ -137,6 +149,11 @@ class Probe:
     estimators reuse across permutations. They are computed with their autograd graph kept
     (``keep_graph``), so that ``sum_i H_i w_i`` is then one backward pass through that graph
     (:meth:`summed_hvp`) instead of a second forward and backward.
+
+    Inside, every flat vector is in the native order of the problem's gradients
+    (:class:`~noisemem.problem.GradLayout`: no transposed copies in the graph); every public
+    method takes and returns ``parameters_to_vector`` order. The engine's computations are
+    coordinatewise or linear, so they are the same in either order.
     """
 
     def __init__(
@@ -145,100 +162,150 @@ class Probe:
         self.problem = problem
         self.theta = (problem.theta if theta is None else theta).detach()
         self.keep_graph = keep_graph
+        self.layout = problem.layout
+        self._th = self.layout.to_native(self.theta)  # theta in the native order
+        self._chunks: list[Tensor] | None = None
         self._grads: Tensor | None = None
-        # (leaf theta, its per-batch copies, batch gradients with their graph)
-        self._graph: tuple[Tensor, Tensor, Tensor] | None = None
+        # (one leaf per parameter, their per-batch copies, the batch gradients of each
+        # parameter with their graph), native order
+        self._graph: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._g: Tensor | None = None
         self._hg: Tensor | None = None
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
-    def grads(self) -> Tensor:
-        if self._grads is None:
+    def _grad_chunks(self) -> list[Tensor]:
+        """The batch gradients, one ``(m, numel)`` block per parameter (native order)."""
+        if self._chunks is None:
             if self.keep_graph:
-                # one copy of theta per batch (an expanded view of one leaf): G_i depends on
-                # its own copy only, so a backward pass with cotangents W returns every
-                # H_i W[i] separately at the copies, and their sum at the leaf
+                # one copy of theta per batch (expanded views of one leaf per parameter):
+                # G_i depends on its own copy only, so a backward pass with cotangents W
+                # returns every H_i W[i] separately at the copies, and their sum at the
+                # leaves (summed per parameter inside autograd: no (m, d) result)
                 m = self.problem.num_batches
-                leaf = self.theta.clone().requires_grad_(True)
+                leaves = [
+                    c.clone().requires_grad_(True)
+                    for c in torch.split(self._th, self.problem.numels)
+                ]
                 with torch.enable_grad():
-                    copies = leaf.expand(m, -1)
+                    copies = [leaf.expand(m, -1) for leaf in leaves]
                 G = self.problem.batch_grads_at(copies)
-                self._graph = (leaf, copies, G)
-                self._grads = G.detach()
+                self._graph = (leaves, copies, G)
+                self._chunks = [c.detach() for c in G]
             else:
-                self._grads = self.problem.batch_grads(self.theta)
+                G = self.layout.to_native(self.problem.batch_grads(self.theta))
+                self._chunks = list(torch.split(G, self.problem.numels, dim=1))
+        return self._chunks
+
+    @property
+    def native_grads(self) -> Tensor:
+        """``g_i(theta)`` for every batch, ``(m, d)``, in the native order (built once)."""
+        if self._grads is None:
+            self._grads = torch.cat(self._grad_chunks, 1)
         return self._grads
 
-    def _hvp(self, W: Tensor, summed: bool) -> Tensor:
-        self.grads  # noqa: B018 - builds the graph
+    @property
+    def grads(self) -> Tensor:
+        """``g_i(theta)`` for every batch i: ``(m, d)``."""
+        return self.layout.to_standard(self.native_grads)
+
+    def _hvp(self, W: Tensor | Sequence[Tensor], summed: bool) -> Tensor:
+        """``H_i W[i]`` (or their sum over i), all in the native order; ``W`` is ``(m, d)``
+        or one ``(m, numel)`` block per parameter."""
+        self._grad_chunks  # noqa: B018 - builds the graph
         if self._graph is None:
             index = torch.arange(self.problem.num_batches, device=self.theta.device)
-            out = self.problem.batch_hvps(self.theta, index, W)
+            flat = W if isinstance(W, Tensor) else torch.cat(list(W), 1)
+            std = self.layout.to_standard(flat)
+            out = self.layout.to_native(self.problem.batch_hvps(self.theta, index, std))
             return out.sum(0) if summed else out
-        leaf, copies, G = self._graph
-        wrt = leaf if summed else copies
-        return torch.autograd.grad(G, wrt, grad_outputs=W, retain_graph=True)[0]
+        blocks = torch.split(W, self.problem.numels, dim=1) if isinstance(W, Tensor) else W
+        leaves, copies, G = self._graph
+        if summed:
+            return torch.cat(torch.autograd.grad(G, leaves, blocks, retain_graph=True))
+        return torch.cat(torch.autograd.grad(G, copies, blocks, retain_graph=True), 1)
 
     def batch_hvps(self, W: Tensor) -> Tensor:
         """``H_i(theta) W[i]`` for every batch i (``W`` and the result are ``(m, d)``)."""
-        return self._hvp(W, summed=False)
+        return self.layout.to_standard(self._hvp(self.layout.to_native(W), summed=False))
 
     def summed_hvp(self, W: Tensor) -> Tensor:
-        """``sum_i H_i(theta) W[i]`` over every batch i (``W`` is ``(m, d)``; may be an
-        expanded view): one backward pass, summed at the leaf (no ``(m, d)`` result)."""
-        return self._hvp(W, summed=True)
+        """``sum_i H_i(theta) W[i]`` over every batch i (``W`` is ``(m, d)``): one backward
+        pass, summed at the leaf (no ``(m, d)`` result)."""
+        return self.layout.to_standard(self._hvp(self.layout.to_native(W), summed=True))
 
     # -- full-loss quantities at theta, from the same graph (L = mean_i L_i) -------------
+    def _full_grad(self) -> Tensor:
+        if self._g is None:
+            self._g = torch.cat([c.mean(0) for c in self._grad_chunks])
+        return self._g
+
+    def _full_hvp(self, v: Tensor) -> Tensor:
+        """``H v = mean_i H_i v`` (native order): one backward pass with the cotangent an
+        expanded view of v (the 1/m is applied to the result)."""
+        m = self.problem.num_batches
+        blocks = [c.expand(m, -1) for c in torch.split(v, self.problem.numels)]
+        return self._hvp(blocks, summed=True) / m
+
+    def _hessian_gradient(self) -> Tensor:
+        if self._hg is None:
+            self._hg = self._full_hvp(self._full_grad())
+        return self._hg
+
     def full_grad(self) -> Tensor:
         """``g = grad L = mean_i g_i``."""
-        return self.grads.mean(0)
+        return self.layout.to_standard(self._full_grad())
 
     def full_hvp(self, v: Tensor) -> Tensor:
-        """``H v = mean_i H_i v``: one backward pass (the 1/m is applied to the result)."""
-        G = self.grads
-        return self.summed_hvp(v.expand_as(G)) / G.shape[0]
+        """``H v = mean_i H_i v``: one backward pass."""
+        return self.layout.to_standard(self._full_hvp(self.layout.to_native(v)))
+
+    def hessian_gradient(self) -> Tensor:
+        """``H g``: one backward pass, computed once (shared with :meth:`hessian_moments`)."""
+        return self.layout.to_standard(self._hessian_gradient())
 
     def hessian_moments(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(g, H g, Cov)`` with g = mean_i g_i and Cov = mean_i H_i g_i - H g (THEORY §4),
         from two backward passes through the batch gradients' graph; computed once per
         probe (H g alone, for the full-batch predictions, costs one pass)."""
         if self._moments is None:
-            G = self.grads
-            g, Hg = self.full_grad(), self.hessian_gradient()
-            self._moments = (g, Hg, self.summed_hvp(G) / G.shape[0] - Hg)
+            Hg = self._hessian_gradient()
+            cov = self._hvp(self._grad_chunks, summed=True) / self.problem.num_batches - Hg
+            self._moments = (
+                self.full_grad(),
+                self.hessian_gradient(),
+                self.layout.to_standard(cov),
+            )
         return self._moments
 
-    def hessian_gradient(self) -> Tensor:
-        """``H g``: one backward pass, computed once (shared with :meth:`hessian_moments`)."""
-        if self._hg is None:
-            self._hg = self.full_hvp(self.full_grad())
-        return self._hg
-
-    def sources(self, optimizer: Optimizer) -> list[Tensor]:
+    def _sources(self, optimizer: Optimizer) -> list[Tensor]:
         """``G_l^i(theta)`` per variable: ``(m, d)``, or ``(1, d)`` for the PARAM source."""
         out = []
         for v in optimizer.variables:
             if v.source is Source.PARAM:
-                out.append(self.theta.unsqueeze(0))
+                out.append(self._th.unsqueeze(0))
             else:
-                out.append(v.source.value(self.grads, self.theta))
+                out.append(v.source.value(self.native_grads, self._th))
         return out
 
     # -- F^(n)(theta, ..., theta) -------------------------------------------------------
-    def momenta(self, optimizer: Optimizer, sequence: Sequence[int]) -> list[Tensor]:
-        """``m_l^(n+1)`` with every history slot at theta (n = len(sequence) - 1)."""
+    def _momenta(self, optimizer: Optimizer, sequence: Sequence[int]) -> list[Tensor]:
         sig = np.asarray(sequence, dtype=np.int64)
         n = sig.size - 1
         b = optimizer.scales(np.array([float(n)]))[:, 0]
         out = []
-        for v, G, b_l in zip(optimizer.variables, self.sources(optimizer), b, strict=True):
+        for v, G, b_l in zip(optimizer.variables, self._sources(optimizer), b, strict=True):
             c = _decay_weights(sig, v.beta, G.shape[0], v.source)
             out.append(float(b_l) * (torch.as_tensor(c, dtype=G.dtype, device=G.device) @ G))
         return out
 
+    def momenta(self, optimizer: Optimizer, sequence: Sequence[int]) -> list[Tensor]:
+        """``m_l^(n+1)`` with every history slot at theta (n = len(sequence) - 1)."""
+        return [self.layout.to_standard(m) for m in self._momenta(optimizer, sequence)]
+
     def direction(self, optimizer: Optimizer, sequence: Sequence[int]) -> Tensor:
         """``F^(n)(theta, ..., theta)``: the first-order memoryless direction of (4)."""
-        return optimizer.phi(*self.momenta(optimizer, sequence))
+        return self.layout.to_standard(optimizer.phi(*self._momenta(optimizer, sequence)))
 
     # -- Eq. (9) ------------------------------------------------------------------------
     def memory_correction(
@@ -253,9 +320,15 @@ class Probe:
         require_smooth(optimizer)
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp={hvp!r} is not allowed; use one of {HVP_MODES}")
+        return self.layout.to_standard(self._correction(optimizer, sequence, tail_tol, hvp))
+
+    def _correction(
+        self, optimizer: Optimizer, sequence: Sequence[int], tail_tol: float, hvp: str
+    ) -> Tensor:
+        """:meth:`memory_correction` in the native order."""
         sig = np.asarray(sequence, dtype=np.int64)
         n = sig.size - 1
-        theta = self.theta
+        theta = self._th
         variables = optimizer.variables
         memory = [l for l, v in enumerate(variables) if v.beta > 0.0]
         if n == 0 or not memory:
@@ -290,11 +363,11 @@ class Probe:
         ``B_l[i, s] = sum_{s' <= s, sigma(s') = i} beta_l^(n-s')`` (the suffix sums u_k folded
         into the scatter): matrix products instead of a loop over steps.
         """
-        theta = self.theta
+        theta = self._th
         n = sig.size - 1
         K = n - start
         variables = optimizer.variables
-        sources = self.sources(optimizer)
+        sources = self._sources(optimizer)
         dtype, device = theta.dtype, theta.device
 
         def tensor(a: np.ndarray) -> Tensor:
@@ -349,14 +422,16 @@ class Probe:
         the same ``w_l = B_l @ F`` as :meth:`_dense_correction`, without the (K, d) arrays."""
         n = sig.size - 1
         variables = optimizer.variables
-        before = self._initial_states(optimizer, self.sources(optimizer), sig, start)
+        before = self._initial_states(optimizer, self._sources(optimizer), sig, start)
         steps = np.arange(start, n)
         states = {l: before[l] for l in memory}
         weights = {l: memory_weights(variables[l].beta, steps, n, tail_tol) for l in memory}
-        w = fused.window(optimizer, self.grads, self.theta, sig[start:n], states, scales, weights)
+        w = fused.window(
+            optimizer, self.native_grads, self._th, sig[start:n], states, scales, weights
+        )
         W: list[Tensor | None] = [w.get(l) for l in range(len(variables))]
         return self._finish(
-            optimizer, W, sig[start:n], scales[:, -1], self.momenta(optimizer, sig), hvp
+            optimizer, W, sig[start:n], scales[:, -1], self._momenta(optimizer, sig), hvp
         )
 
     def _finish(
@@ -369,7 +444,7 @@ class Probe:
         hvp: str,
     ) -> Tensor:
         """``M = h dPhi(m^(n+1)) . (b_l^(n+1) z_l)_l`` with z_l = sum_i J[G_l^i] w_{l,i}."""
-        theta = self.theta
+        theta = self._th
         tangents = self._tangents(optimizer, W, window, hvp)
         tangent_args = tuple(
             float(b_n[l]) * t if t is not None else torch.zeros_like(theta)
@@ -390,10 +465,10 @@ class Probe:
     ) -> Tensor:
         """Eq. (9) for many distinct batches: an O(d) recurrence per step and variable,
         streamed in blocks of steps (forward for the states, backward for the suffix sums)."""
-        theta = self.theta
+        theta = self._th
         n = sig.size - 1
         variables = optimizer.variables
-        sources = self.sources(optimizer)
+        sources = self._sources(optimizer)
         W = [torch.zeros_like(G) if l in memory else None for l, G in enumerate(sources)]
         suffix = torch.zeros_like(theta)  # sum of F^(s) over the rows already processed
         m_last: list[Tensor] | None = None
@@ -471,9 +546,9 @@ class Probe:
             if v.beta > 0.0:
                 weights = v.beta ** k.astype(np.float64)  # beta_l^k for the step of row r
                 A += scales[l, K] * (onehot.T @ (weights[:, None] * U))
-        G = self.grads
+        G = self.native_grads
         W = torch.as_tensor(A, dtype=G.dtype, device=G.device) @ G  # (m, d)
-        return optimizer.lr * self.summed_hvp(W)
+        return optimizer.lr * self._hvp(W, summed=True)
 
     def _initial_states(
         self, optimizer: Optimizer, sources: list[Tensor], sig: np.ndarray, start: int
@@ -514,7 +589,7 @@ class Probe:
         self, optimizer: Optimizer, W: list[Tensor | None], window: np.ndarray, hvp: str
     ) -> list[Tensor | None]:
         """``z_l = sum_i J[G_l^i](theta) w_{l,i}`` for the variables with memory."""
-        theta = self.theta
+        theta = self._th
         active = torch.as_tensor(np.unique(window), device=theta.device)
         out: list[Tensor | None] = [None] * len(W)
         grad_vars = [
@@ -525,13 +600,13 @@ class Probe:
                 out[l] = w.sum(0)
         if not grad_vars:
             return out
-        g = self.grads
+        g = self.native_grads
         if hvp == "vmap" or not self.keep_graph:  # one vmapped forward-over-reverse call
             index = active.repeat(len(grad_vars))
             vectors = torch.cat([W[l][active] for l in grad_vars])  # type: ignore[index]
-            hv = self.problem.batch_hvps(theta, index, vectors).view(
-                len(grad_vars), len(active), -1
-            )
+            std = self.layout.to_standard(vectors)
+            hv = self.layout.to_native(self.problem.batch_hvps(self.theta, index, std))
+            hv = hv.view(len(grad_vars), len(active), -1)
             for j, l in enumerate(grad_vars):
                 w = W[l]
                 assert w is not None
@@ -541,7 +616,7 @@ class Probe:
         for l in grad_vars:  # one backward through the batch gradients' graph per variable
             w = W[l]
             assert w is not None
-            out[l] = optimizer.variables[l].source.tangent(g, self.batch_hvps(w), w).sum(0)
+            out[l] = optimizer.variables[l].source.tangent(g, self._hvp(w, summed=False), w).sum(0)
         return out
 
 

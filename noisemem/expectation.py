@@ -223,7 +223,9 @@ def sampled_correction(
         return probe.memory_correction(optimizer, run.sequence, tail_tol=tail_tol)
     X = problem.X.flatten(0, 1)[torch.as_tensor(run.batches, device=problem.X.device)]
     Y = problem.Y.flatten(0, 1)[torch.as_tensor(run.batches, device=problem.Y.device)]
-    fresh = Problem(problem.model, problem.loss_fn, list(zip(X, Y, strict=True)))
+    fresh = Problem(
+        problem.model, problem.loss_fn, list(zip(X, Y, strict=True)), layout=problem.layout
+    )
     return Probe(fresh, probe.theta).memory_correction(optimizer, run.sequence, tail_tol=tail_tol)
 
 

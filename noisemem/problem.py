@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +36,53 @@ def stack_batches(batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
     return torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])
 
 
+@dataclass(frozen=True)
+class GradLayout:
+    """An order of the flat coordinates in which autograd writes per-batch gradients.
+
+    Autograd's formulas hand back some parameters' gradients in a permuted memory order (a
+    ``Linear`` weight's gradient is its transpose, stored contiguously). Flattening those into
+    ``parameters_to_vector`` order is then a strided copy, and a double backward that starts
+    from such a flat cotangent runs its elementwise work on transposed operands, several times
+    slower on a CPU. In the "native" order each parameter's coordinates follow the memory
+    order autograd produced, so nothing is transposed. Every quantity is the same, only its
+    coordinates are permuted: ``native = standard[..., index]``.
+    """
+
+    #: per parameter, its dimensions from the outermost to the innermost in native storage
+    orders: tuple[tuple[int, ...], ...]
+    #: ``native[..., j] = standard[..., index[j]]``; None when the two orders agree
+    index: Tensor | None
+    inverse: Tensor | None
+
+    def to_native(self, v: Tensor) -> Tensor:
+        return v if self.index is None else v.index_select(-1, self.index)
+
+    def to_standard(self, v: Tensor) -> Tensor:
+        return v if self.inverse is None else v.index_select(-1, self.inverse)
+
+
+def storage_order(t: Tensor) -> tuple[int, ...]:
+    """The dimensions of ``t`` from the outermost to the innermost in memory, if ``t`` is a
+    permutation of a contiguous tensor; its own order otherwise (and for size-1 ties)."""
+    dims = tuple(sorted(range(t.dim()), key=lambda i: (-t.stride(i), i)))
+    permuted = t.permute(dims)
+    return dims if permuted.is_contiguous() else tuple(range(t.dim()))
+
+
 class Problem:
     """Flat-parameter view of ``(model, loss_fn, batches)``."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Batch],
+        *,
+        layout: GradLayout | None = None,
+    ) -> None:
+        """``layout``: the native order of the gradients if already known (the same model
+        and batch size); read from the model when needed otherwise (:attr:`layout`)."""
         self.model = model
         self.loss_fn = loss_fn
         self.X, self.Y = stack_batches(batches)  # (m, b, ...)
@@ -53,6 +97,7 @@ class Problem:
         self.Y = self.Y.to(device)
         if self.X.is_floating_point():
             self.X = self.X.to(dtype)
+        self._layout = layout
 
     def at(self, theta: Tensor) -> Problem:
         """The same problem viewed at other flat parameters (data shared, nothing copied)."""
@@ -77,8 +122,51 @@ class Problem:
 
     def loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """Mean loss of one batch ``(x, y)`` at flat parameters ``theta``."""
-        out = functional_call(self.model, (self.unflatten(theta), self.buffers), (x,))
-        return self.loss_fn(out, y)
+        return self._loss(self.unflatten(theta), x, y)
+
+    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(functional_call(self.model, (params, self.buffers), (x,)), y)
+
+    @property
+    def layout(self) -> GradLayout:
+        """The native coordinate order of per-batch gradients (:class:`GradLayout`), read
+        once from one vmapped gradient of (up to) two batches."""
+        if self._layout is None:
+            k = min(2, self.num_batches)
+            with torch.enable_grad():
+                flat = self.theta.expand(k, -1).clone().requires_grad_(True)
+                chunks = torch.split(flat, self.numels, dim=1)
+                params = [c.view(k, *shape) for c, shape in zip(chunks, self.shapes, strict=True)]
+
+                def loss(ps: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+                    return self._loss(dict(zip(self.names, ps, strict=True)), x, y)
+
+                losses = vmap(loss)(params, self.X[:k], self.Y[:k])
+                grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            orders, pieces, offset = [], [], 0
+            for g, shape, numel in zip(grads, self.shapes, self.numels, strict=True):
+                order = tuple(range(len(shape))) if g is None else storage_order(g[0])
+                orders.append(order)
+                ids = torch.arange(offset, offset + numel, device=self.theta.device)
+                pieces.append(ids.view(shape).permute(order).reshape(-1))
+                offset += numel
+            index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+            if torch.equal(index, torch.arange(offset, device=index.device)):
+                self._layout = GradLayout(tuple(orders), None, None)
+            else:
+                self._layout = GradLayout(tuple(orders), index, torch.argsort(index))
+        return self._layout
+
+    def native_loss(self, chunks: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """:meth:`loss` at parameters given as one flat chunk per parameter, each in the
+        native order (:attr:`layout`)."""
+        params = {}
+        for name, c, shape, order in zip(
+            self.names, chunks, self.shapes, self.layout.orders, strict=True
+        ):
+            stored = c.view([shape[o] for o in order])
+            params[name] = stored.permute(sorted(range(len(order)), key=order.__getitem__))
+        return self._loss(params, x, y)
 
     def full_loss(self, theta: Tensor) -> Tensor:
         """``L = mean_i L_i``."""
@@ -89,16 +177,18 @@ class Problem:
         X, Y = (self.X, self.Y) if index is None else (self.X[index], self.Y[index])
         return vmap(grad(self.loss), in_dims=(None, 0, 0))(theta, X, Y)
 
-    def batch_grads_at(self, thetas: Tensor) -> Tensor:
-        """``g_i(thetas[i])`` for every batch i, each at its own parameters: ``(m, d)``, with
-        its autograd graph kept (``thetas`` must require grad).
+    def batch_grads_at(self, thetas: Sequence[Tensor]) -> list[Tensor]:
+        """``g_i(theta_i)`` for every batch i, each at its own parameters, with their
+        autograd graph kept. ``thetas`` holds one ``(m, numel)`` tensor per parameter (row
+        i: batch i's copy; they must require grad), in the native order (:attr:`layout`);
+        so does the result (one ``(m, numel)`` gradient per parameter).
 
-        Batch i's loss depends on ``thetas[i]`` only, so one backward pass of the summed
+        Batch i's loss depends on its own copies only, so one backward pass of the summed
         losses gives every g_i (cheaper than ``vmap(grad)`` under an outer graph).
         """
         with torch.enable_grad():
-            losses = vmap(self.loss)(thetas, self.X, self.Y)
-            return torch.autograd.grad(losses.sum(), thetas, create_graph=True)[0]
+            losses = vmap(self.native_loss)(list(thetas), self.X, self.Y)
+            return list(torch.autograd.grad(losses.sum(), thetas, create_graph=True))
 
     def full_grad(self, theta: Tensor) -> Tensor:
         """``g = grad L``: ``(d,)``."""
