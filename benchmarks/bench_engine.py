@@ -155,12 +155,14 @@ def main() -> None:
 
     # what the exact expectation is made of: g, H g and Cov need the batch gradients with
     # their graph and two backward passes through it (one per Hessian-vector product)
-    add("  batch gradients with their graph (Probe.grads)", lambda: Probe(problem).grads, "info")
-    probe = Probe(problem)
-    G = probe.grads
     add(
-        "  one backward pass: sum_i H_i w_i (Probe.summed_hvp)", lambda: probe.summed_hvp(G), "info"
+        "  batch gradients with their graph, g (Probe.full_grad)",
+        lambda: Probe(problem).full_grad(),
+        "info",
     )
+    probe = Probe(problem)
+    g = probe.full_grad()
+    add("  one backward pass: H v (Probe.full_hvp)", lambda: probe.full_hvp(g), "info")
 
     a = memory_correction(model, loss_fn, problem, hb, seq10)
     b = literal_eq9_heavy_ball(problem, hb, seq10)
