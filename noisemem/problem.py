@@ -97,7 +97,8 @@ class Problem:
         self.Y = self.Y.to(device)
         if self.X.is_floating_point():
             self.X = self.X.to(dtype)
-        self._layout = layout
+        # a one-slot cell: views made by :meth:`at` share it, so the layout is read once
+        self._layout: list[GradLayout | None] = [layout]
 
     def at(self, theta: Tensor) -> Problem:
         """The same problem viewed at other flat parameters (data shared, nothing copied)."""
@@ -131,7 +132,7 @@ class Problem:
     def layout(self) -> GradLayout:
         """The native coordinate order of per-batch gradients (:class:`GradLayout`), read
         once from one vmapped gradient of (up to) two batches."""
-        if self._layout is None:
+        if self._layout[0] is None:
             k = min(2, self.num_batches)
             with torch.enable_grad():
                 flat = self.theta.expand(k, -1).clone().requires_grad_(True)
@@ -152,10 +153,10 @@ class Problem:
                 offset += numel
             index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
             if torch.equal(index, torch.arange(offset, device=index.device)):
-                self._layout = GradLayout(tuple(orders), None, None)
+                self._layout[0] = GradLayout(tuple(orders), None, None)
             else:
-                self._layout = GradLayout(tuple(orders), index, torch.argsort(index))
-        return self._layout
+                self._layout[0] = GradLayout(tuple(orders), index, torch.argsort(index))
+        return self._layout[0]
 
     def native_loss(self, chunks: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
         """:meth:`loss` at parameters given as one flat chunk per parameter, each in the

@@ -95,3 +95,11 @@ def test_probe_is_the_same_in_any_order(name: str) -> None:
     for opt in (HeavyBall(0.1, 0.9), AdamW(1e-3, 0.9, 0.999, 1e-8, 0.01)):
         assert rel_err(a.direction(opt, seq), b.direction(opt, seq)) < 1e-13
         assert rel_err(a.memory_correction(opt, seq), b.memory_correction(opt, seq)) < 1e-12
+
+
+def test_views_at_other_parameters_share_one_layout() -> None:
+    tiny = make_tiny("gelu_mlp")
+    problem = Problem(tiny.model, tiny.loss_fn, tiny.batches)
+    view = problem.at(problem.theta + 1.0)
+    assert view.layout is problem.layout  # read once, through either
+    assert problem.at(problem.theta).layout is problem.layout
