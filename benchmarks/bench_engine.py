@@ -45,8 +45,9 @@ def once(fn: Callable[[], object], device: str) -> float:
 
 def paired_ratio(
     fn: Callable[[], object], unit: Callable[[], object], repeats: int, device: str
-) -> tuple[float, float]:
-    """Median of t(fn)/t(unit) over back-to-back pairs, and the median t(fn) in seconds."""
+) -> tuple[float, float, str]:
+    """Median of t(fn)/t(unit) over back-to-back pairs, the median t(fn) in seconds, and the
+    pairs' interquartile range of the ratio (how noisy the machine was)."""
     fn()  # warm-up
     unit()
     ratios, times = [], []
@@ -55,7 +56,11 @@ def paired_ratio(
         t = once(fn, device)
         ratios.append(t / u)
         times.append(t)
-    return statistics.median(ratios), statistics.median(times)
+    spread = ""
+    if len(ratios) >= 4:
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        spread = f"{q1:.2f}-{q3:.2f}"
+    return statistics.median(ratios), statistics.median(times), spread
 
 
 def literal_eq9_heavy_ball(problem: Problem, opt: HeavyBall, seq: list[int]) -> torch.Tensor:
@@ -105,12 +110,12 @@ def main() -> None:
         loss_fn(model(x), y).backward()
 
     hb, adamw = HeavyBall(0.1, 0.9), AdamW(1e-3, 0.9, 0.999, 1e-8, 0.01)
-    rows: list[tuple[str, float, str]] = []
+    rows: list[tuple[str, float, str, str]] = []
     base = paired_ratio(full_gradient, full_gradient, rep, dev)[1]
 
     def add(name: str, fn: Callable[[], object], target: str, repeats: int = rep) -> float:
-        ratio, t = paired_ratio(fn, full_gradient, repeats, dev)
-        rows.append((name, ratio, target))
+        ratio, t, spread = paired_ratio(fn, full_gradient, repeats, dev)
+        rows.append((name, ratio, spread, target))
         return t
 
     add(
@@ -169,10 +174,14 @@ def main() -> None:
     rel = float((a - b).norm() / b.norm())
     print(f"device {dev}, float32, d = {problem.theta.numel()}, {m} batches of 32")
     print(f"one full-data gradient: {base * 1e3:.2f} ms (the unit below)")
-    for name, ratio, target in rows:
-        print(f"{name:58s} {ratio:9.2f}x   target {target}")
+    print(f"{'':58s} {'median':>9s}  {'pairs IQR':>11s}")
+    for name, ratio, spread, target in rows:
+        print(f"{name:58s} {ratio:9.2f}x {spread:>11s}   target {target}")
     print(f"literal loop / engine (10 epochs, heavy ball): {t_lit / t_hb10:.1f}x   target >= 20")
-    print("(each ratio: median of back-to-back pairs; the literal loop: 1 pair)")
+    print(
+        "(each ratio: median of back-to-back pairs, with their interquartile range; "
+        "the literal loop: 1 pair)"
+    )
     print(f"engine vs literal loop, relative difference: {rel:.2e} (float32)")
 
 
