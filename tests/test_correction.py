@@ -233,21 +233,6 @@ def test_bad_input_raises_a_clear_value_error(case, needle):
         assert "[0, 4)" in str(err.value)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_path_matches_cpu():
-    tiny = make_tiny("gelu_mlp")
-    seq = SEQUENCES["two_epochs"]
-    for optimizer in OPTIMIZERS.values():
-        cpu = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq)
-        model = tiny.model.to("cuda")
-        batches = [(x.cuda(), y.cuda()) for x, y in tiny.batches]
-        gpu = memory_correction(model, tiny.loss_fn, batches, optimizer, seq)
-        tiny.model.to("cpu")
-        assert gpu.is_cuda
-        assert rel_err(gpu.cpu(), cpu) < 1e-9
-
-
 def test_keeping_freed_memory_is_accepted_here_and_changes_no_result():
     from noisemem.system import keep_freed_memory
 

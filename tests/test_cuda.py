@@ -1,0 +1,136 @@
+"""Every engine path and a study chunk on CUDA tensors agree with the CPU (float64).
+
+The outputs are gathered by one function for a given device, so the CPU run below checks
+that the comparison itself runs and is deterministic; the CUDA test needs a GPU and skips
+without one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny, rel_err
+from test_correction import OPTIMIZERS, SEQUENCES
+from test_study import small_spec
+from torch import Tensor
+
+import noisemem.correction as correction
+from noisemem import (
+    expected_correction,
+    full_batch_correction,
+    memory_correction,
+    noise_regularizer,
+    trajectories,
+)
+from noisemem.data import prepare
+from noisemem.study import Context, predictions, run_chunk
+
+NUMERIC_COLUMNS = ("norm", "linf", "full_batch_norm", "proj_full_batch", "cos_full_batch")
+
+
+def engine_outputs(device: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Tensor]:
+    """Every public engine result for the tiny GELU MLP on ``device``, flat, by name."""
+    tiny = make_tiny("gelu_mlp")
+    model = tiny.model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in tiny.batches]
+    loss_fn = tiny.loss_fn
+    seq = SEQUENCES["two_epochs"]
+    out: dict[str, Tensor] = {}
+    for name, opt in OPTIMIZERS.items():
+        out[f"M/{name}"] = memory_correction(model, loss_fn, batches, opt, seq)
+        out[f"M/{name}/vmap"] = memory_correction(model, loss_fn, batches, opt, seq, hvp="vmap")
+        for step in (None, 3):
+            out[f"full_batch/{name}/{step}"] = full_batch_correction(
+                model, loss_fn, batches, opt, step=step
+            )
+    with monkeypatch.context() as patch:  # the streamed window (many batches) and no fusion
+        patch.setattr(correction, "DENSE_MAX_BATCHES", 0)
+        patch.setattr(correction, "FUSED", False)
+        for name in ("heavy_ball", "adamw_eps_in_sqrt"):
+            opt = OPTIMIZERS[name]
+            out[f"M/{name}/streamed"] = memory_correction(model, loss_fn, batches, opt, seq)
+    for name in ("heavy_ball", "nesterov"):
+        for sampling in ("permute", "reshuffle", "replacement"):
+            e = expected_correction(
+                model, loss_fn, batches, OPTIMIZERS[name], epochs=2, sampling=sampling
+            )
+            assert e.full_batch_part is not None and e.noise_part is not None
+            out[f"E/{name}/{sampling}"] = e.mean
+            out[f"E/{name}/{sampling}/full_batch_part"] = e.full_batch_part
+            out[f"E/{name}/{sampling}/noise_part"] = e.noise_part
+    mc = expected_correction(
+        model,
+        loss_fn,
+        batches,
+        OPTIMIZERS["adamw_eps_in_sqrt"],
+        epochs=2,
+        method="monte_carlo",
+        permutations=4,
+    )
+    assert mc.stderr is not None
+    out["E/adamw/monte_carlo"], out["E/adamw/monte_carlo/stderr"] = mc.mean, mc.stderr
+    for per_sample in (False, True):
+        value, grad = noise_regularizer(model, loss_fn, batches, per_sample=per_sample)
+        out[f"noise/{per_sample}/value"] = torch.tensor([value], dtype=torch.float64)
+        out[f"noise/{per_sample}/grad"] = grad
+    for name in ("heavy_ball", "adamw_eps_in_sqrt"):
+        t = trajectories(model, loss_fn, batches, OPTIMIZERS[name], seq)
+        out[f"trajectory/{name}/second_order"] = t.second_order.thetas.flatten()
+        out[f"trajectory/{name}/linf_second"] = t.linf_second
+    tiny.model.to("cpu")
+    return out
+
+
+def study_outputs(device: str) -> dict[str, Tensor]:
+    """A chunk's numeric columns and moments and the predictions of a small float64 study."""
+    spec = small_spec()
+    ctx = Context.build(spec, *prepare("digits", limit=96), device)
+    out: dict[str, Tensor] = {}
+    for ci, config in enumerate(spec.configs):
+        tables = run_chunk(ctx, config, 0)
+        for r, row in enumerate(tables["corrections"]):
+            values = [row[c] for c in NUMERIC_COLUMNS]
+            out[f"study/{ci}/corrections/{r}"] = torch.tensor(values, dtype=torch.float64)
+        for r, row in enumerate(tables["moments"]):
+            out[f"study/{ci}/moments/{r}"] = torch.tensor(row["sum"], dtype=torch.float64)
+        for r, row in enumerate(predictions(ctx, config)):
+            out[f"study/{ci}/predictions/{r}"] = torch.tensor(row["vector"], dtype=torch.float64)
+    return out
+
+
+def assert_same(a: dict[str, Tensor], b: dict[str, Tensor], tol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key].detach().cpu(), b[key].detach().cpu()
+        finite = torch.isfinite(y)
+        assert torch.equal(torch.isfinite(x), finite), key
+        assert rel_err(x[finite], y[finite]) <= tol, (key, rel_err(x[finite], y[finite]))
+
+
+def test_device_comparison_runs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness of the CUDA test, on the CPU twice: every path runs and is repeatable."""
+    first, second = engine_outputs("cpu", monkeypatch), engine_outputs("cpu", monkeypatch)
+    # per optimizer: 2 corrections + 2 full-batch; 2 streamed; 2 x 3 exact E (mean and
+    # both parts); Monte Carlo mean and stderr; 2 x 2 noise; 2 x 2 trajectories
+    assert len(first) == 4 * len(OPTIMIZERS) + 2 + 18 + 2 + 4 + 4
+    assert all(t.device.type == "cpu" and t.dtype == torch.float64 for t in first.values())
+    assert_same(first, second, 0.0)
+    assert any(float(t.abs().max()) > 0 for t in first.values())
+    study = study_outputs("cpu")
+    assert len(study) > 10 and all(math.isfinite(float(t.norm())) for t in study.values())
+    assert_same(study, study_outputs("cpu"), 0.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_engine_path_and_a_study_chunk_match_on_cuda(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu, gpu = engine_outputs("cpu", monkeypatch), engine_outputs("cuda", monkeypatch)
+    for key, t in gpu.items():
+        if not key.startswith("noise/") or key.endswith("grad"):
+            assert t.is_cuda, key
+    assert_same(gpu, cpu, 1e-9)
+    assert_same(study_outputs("cuda"), study_outputs("cpu"), 1e-9)
