@@ -7,7 +7,10 @@
    computed in this process without Ray (target: Ray overhead <= 15%).
 3. The study with 2 actors against 1 actor on 2 CPUs (target >= 1.6x).
 
-Usage: python benchmarks/bench_study.py [--permutations 256]
+Parts 2 and 3 are repeated ``--rounds`` times (in-process, Ray 1 actor, Ray 2 actors in each
+round) and print medians with their ranges: single runs on these machines vary by 20%.
+
+Usage: python benchmarks/bench_study.py [--permutations 256] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def torch_one_by_one(ctx: Context, runs: list, lr: float, beta: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--permutations", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     keep_freed_memory()  # as the study actors do (see noisemem.system)
@@ -87,41 +91,57 @@ def main() -> None:
         f"{t_vmap:.2f} s)   target >= 3"
     )
 
-    # 2. the same work without Ray, in this process (1 thread, like a 1-CPU actor): load the
-    # data, build the context, run every chunk, compute the predictions, write every part
-    t0 = time.perf_counter()
-    x, y, info = prepare("digits")
-    ctx = Context.build(spec, x, y, info)
-    store = Store(spec.output)
+    # 2. and 3., repeated (--rounds) because these machines are noisy: each round times the
+    # same work without Ray, in this process (1 thread, like a 1-CPU actor: load the data,
+    # build the context, run every chunk, compute the predictions, write every part), then
+    # on Ray with 1 actor and with 2; the medians over rounds are printed with their ranges
     config = spec.configs[0]
-    for chunk in range(spec.num_chunks):
-        tables = run_chunk(ctx, config, chunk)
-        for table in ("steps", "corrections", "moments", "runs"):
-            store.write_part(table, config.id, chunk, tables[table])
-    store.write_part("predictions", config.id, None, predictions(ctx, config))
-    t_inproc = time.perf_counter() - t0
 
+    def in_process(output: str) -> float:
+        t0 = time.perf_counter()
+        x, y, info = prepare("digits")
+        ctx = Context.build(spec, x, y, info)
+        store = Store(output)
+        for chunk in range(spec.num_chunks):
+            tables = run_chunk(ctx, config, chunk)
+            for table in ("steps", "corrections", "moments", "runs"):
+                store.write_part(table, config.id, chunk, tables[table])
+        store.write_part("predictions", config.id, None, predictions(ctx, config))
+        return time.perf_counter() - t0
+
+    inproc: list[float] = []
+    ray_times: dict[int, list[float]] = {1: [], 2: []}
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        times = {}
-        for actors in (1, 2):
-            raw["output"] = f"{tmp}/ray{actors}"
-            t0 = time.perf_counter()
-            launch(StudySpec.from_dict(raw), actors=actors, log=io.StringIO()).wait()
-            times[actors] = time.perf_counter() - t0
+        for r in range(args.rounds):
+            inproc.append(in_process(f"{tmp}/inproc{r}"))
+            for actors in (1, 2):
+                raw["output"] = f"{tmp}/ray{actors}-{r}"
+                t0 = time.perf_counter()
+                launch(StudySpec.from_dict(raw), actors=actors, log=io.StringIO()).wait()
+                ray_times[actors].append(time.perf_counter() - t0)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
-    overhead = times[1] / t_inproc - 1
+
+    def summary(values: list[float], fmt: str) -> str:
+        med = statistics.median(values)
+        return f"{med:{fmt}} (range {min(values):{fmt}}-{max(values):{fmt}})"
+
+    overheads = [100 * (t1 / t0 - 1) for t0, t1 in zip(inproc, ray_times[1], strict=True)]
+    seconds = [t1 - t0 for t0, t1 in zip(inproc, ray_times[1], strict=True)]
+    speedups = [t1 / t2 for t1, t2 in zip(ray_times[1], ray_times[2], strict=True)]
     print(
-        f"{args.permutations} permutations, {spec.num_chunks} chunks: in-process "
-        f"{t_inproc:.1f} s, Ray 1 actor {times[1]:.1f} s -> overhead {100 * overhead:.1f}% "
-        f"({times[1] - t_inproc:.1f} s, mostly one actor's start: a fixed cost, so the ratio "
-        "falls as the study grows)   target <= 15%"
+        f"{args.permutations} permutations, {spec.num_chunks} chunks, {args.rounds} rounds: "
+        f"in-process {summary(inproc, '.1f')} s, Ray 1 actor {summary(ray_times[1], '.1f')} s"
     )
     print(
-        f"Ray 2 actors {times[2]:.1f} s vs 1 actor {times[1]:.1f} s -> "
-        f"{times[1] / times[2]:.2f}x   target >= 1.6"
+        f"Ray overhead {summary(overheads, '.1f')} %, i.e. {summary(seconds, '.1f')} s: mostly "
+        "one actor's start, a fixed cost, so the ratio falls as the study grows   target <= 15%"
+    )
+    print(
+        f"Ray 2 actors {summary(ray_times[2], '.1f')} s vs 1 actor -> "
+        f"{summary(speedups, '.2f')}x   target >= 1.6"
     )
 
 
