@@ -216,14 +216,19 @@ class Probe:
         if self._graph is None:
             index = torch.arange(self.problem.num_batches, device=self.theta.device)
             flat = W if isinstance(W, Tensor) else torch.cat(list(W), 1)
-            std = self.layout.to_standard(flat)
-            out = self.layout.to_native(self.problem.batch_hvps(self.theta, index, std))
+            out = self._vmapped_hvps(index, flat)
             return out.sum(0) if summed else out
         blocks = torch.split(W, self.problem.numels, dim=1) if isinstance(W, Tensor) else W
         leaves, copies, G = self._graph
         if summed:
             return torch.cat(torch.autograd.grad(G, leaves, blocks, retain_graph=True))
         return torch.cat(torch.autograd.grad(G, copies, blocks, retain_graph=True), 1)
+
+    def _vmapped_hvps(self, index: Tensor, vectors: Tensor) -> Tensor:
+        """``H_{index[p]} vectors[p]`` by one vmapped forward-over-reverse call (no graph),
+        native order in and out (the call itself works in the standard order)."""
+        std = self.layout.to_standard(vectors)
+        return self.layout.to_native(self.problem.batch_hvps(self.theta, index, std))
 
     def batch_hvps(self, W: Tensor) -> Tensor:
         """``H_i(theta) W[i]`` for every batch i (``W`` and the result are ``(m, d)``)."""
@@ -604,9 +609,7 @@ class Probe:
         if hvp == "vmap" or not self.keep_graph:  # one vmapped forward-over-reverse call
             index = active.repeat(len(grad_vars))
             vectors = torch.cat([W[l][active] for l in grad_vars])  # type: ignore[index]
-            std = self.layout.to_standard(vectors)
-            hv = self.layout.to_native(self.problem.batch_hvps(self.theta, index, std))
-            hv = hv.view(len(grad_vars), len(active), -1)
+            hv = self._vmapped_hvps(index, vectors).view(len(grad_vars), len(active), -1)
             for j, l in enumerate(grad_vars):
                 w = W[l]
                 assert w is not None
