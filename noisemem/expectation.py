@@ -42,11 +42,14 @@ from torch import Tensor, nn
 from noisemem.correction import TAIL_TOL, Probe, decay_filter, require_smooth
 from noisemem.noise import per_sample_problem
 from noisemem.optim import Optimizer, Source
-from noisemem.problem import Batch, LossFn, Problem, as_problem
+from noisemem.problem import Batch, LossFn, Problem, as_problem, is_integer
 from noisemem.stats import Moments
 
 SAMPLINGS = ("permute", "reshuffle", "replacement")
 METHODS = ("exact", "monte_carlo")
+#: seeds and order indices lie in [0, 2^32): numpy's SeedSequence splits a larger integer
+#: into 32-bit words, so (2^32, 0) and (0, 1) would give the same entropy, the same order
+SEED_LIMIT = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,10 @@ def sample_run(
     sampling: str, num_batches: int, batch_size: int, steps: int, seed: int, index: int
 ) -> SampledRun:
     """The ``index``-th random order of ``steps`` steps under ``sampling``."""
-    rng = np.random.default_rng([seed, index])
+    for name, value in (("seed", seed), ("index", index)):
+        if not is_integer(value) or not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"{name}={value!r} is not allowed; it must be an int in [0, 2**32)")
+    rng = np.random.default_rng([int(seed), int(index)])
     m = num_batches
     epochs = -(-steps // m)
     if sampling == "permute":
@@ -132,18 +138,19 @@ def _check_expectation_args(
     epochs: int,
     step: int | None,
     permutations: int | None,
+    seed: int,
     num_batches: int,
 ) -> int:
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling={sampling!r} is not allowed; use one of {SAMPLINGS}")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not allowed; use one of {METHODS}")
-    if not isinstance(epochs, int) or epochs < 1:
+    if not is_integer(epochs) or epochs < 1:
         raise ValueError(f"epochs={epochs!r} is not allowed; epochs must be an int >= 1")
     last = epochs * num_batches - 1
     if step is None:
         step = last
-    if not isinstance(step, int) or not 0 <= step <= last:
+    if not is_integer(step) or not 0 <= step <= last:
         raise ValueError(
             f"step={step!r} is not allowed; step must be an int in [0, {last}] "
             f"({epochs} epochs of {num_batches} batches), or None for the last step"
@@ -155,12 +162,15 @@ def _check_expectation_args(
             "method='monte_carlo'"
         )
     if method == "monte_carlo" and (
-        not isinstance(permutations, int) or isinstance(permutations, bool) or permutations < 2
+        not is_integer(permutations) or not 2 <= permutations <= SEED_LIMIT
     ):
         raise ValueError(
-            f"permutations={permutations!r} is not allowed; method='monte_carlo' needs an int >= 2"
+            f"permutations={permutations!r} is not allowed; method='monte_carlo' needs an int "
+            "in [2, 2**32]"
         )
-    return step
+    if not is_integer(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed={seed!r} is not allowed; seed must be an int in [0, 2**32)")
+    return int(step)
 
 
 def noise_scales(sampling: str, num_batches: int, batch_size: int) -> tuple[float, float]:
@@ -270,12 +280,13 @@ def expected_correction(
     problem = as_problem(model, loss_fn, batches)
     require_smooth(optimizer)
     n = _check_expectation_args(
-        optimizer, sampling, method, epochs, step, permutations, problem.num_batches
+        optimizer, sampling, method, epochs, step, permutations, seed, problem.num_batches
     )
+    epochs, seed = int(epochs), int(seed)
     if method == "exact":
         return exact_expectation(problem, optimizer, sampling, n, epochs)
     assert permutations is not None
-    acc = monte_carlo_moments(problem, optimizer, sampling, n, range(permutations), seed)
+    acc = monte_carlo_moments(problem, optimizer, sampling, n, range(int(permutations)), seed)
     dtype, device = problem.theta.dtype, problem.theta.device
     return Expectation(
         mean=acc.mean.to(device, dtype),
@@ -284,7 +295,7 @@ def expected_correction(
         sampling=sampling,
         step=n,
         epochs=epochs,
-        permutations=permutations,
+        permutations=int(permutations),
         seed=seed,
     )
 

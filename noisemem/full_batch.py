@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from noisemem.correction import Probe, require_smooth
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov, Optimizer
-from noisemem.problem import Batch, LossFn, Problem, as_problem
+from noisemem.problem import Batch, LossFn, Problem, as_problem, is_integer
 
 
 def heavy_ball_coefficient(beta: float, step: int | None) -> float:
@@ -134,7 +133,7 @@ def full_batch_correction(
     """
     problem = as_problem(model, loss_fn, batches)
     require_smooth(optimizer)
-    if step is not None and (not isinstance(step, int | np.integer) or step < 0):
+    if step is not None and (not is_integer(step) or step < 0):
         raise ValueError(
             f"step={step!r} is not allowed; step must be None (the limit) or an int >= 0"
         )

@@ -39,6 +39,8 @@ def noise_regularizer(
     per_sample: bool = False,
 ) -> tuple[float, Tensor]:
     """``(R, grad R)`` at the model's current parameters; ``grad R`` is flat ``(d,)``."""
+    if not isinstance(per_sample, bool):
+        raise ValueError(f"per_sample={per_sample!r} is not allowed; use True or False")
     problem = as_problem(model, loss_fn, batches)
     if per_sample:
         problem = per_sample_problem(problem)

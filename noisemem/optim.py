@@ -217,10 +217,19 @@ class Nesterov(Optimizer):
 
 
 def _adam_step(m1: Tensor, m2: Tensor, m3: Tensor, eps: float, eps_in_sqrt: bool) -> Tensor:
-    """``m1/sqrt(m2 + eps) + m3`` (eps inside) or ``m1/(sqrt(m2) + eps) + m3`` (outside)."""
+    """``m1/sqrt(m2 + eps) + m3`` (eps inside) or ``m1/(sqrt(m2) + eps) + m3`` (outside).
+
+    Eps outside: where ``m2 = 0`` every gradient in the memory is 0 there, so ``m1 = 0`` too
+    and the step ``m1/(sqrt(m2) + eps)`` is differentiable, with derivative ``dm1/eps``; but
+    sqrt's own derivative at 0 is infinite, and a JVP or backward would form 0 * inf = NaN
+    (a dead input feature, such as the digits' always-zero pixels, does this). The root is
+    therefore taken only where ``m2 > 0`` and set to 0 elsewhere, with zero derivative.
+    """
     if eps_in_sqrt:
         return torch.addcmul(m3, m1, torch.rsqrt(m2 + eps))
-    return torch.addcdiv(m3, m1, torch.sqrt(m2) + eps)
+    pos = m2 > 0
+    root = torch.where(pos, torch.sqrt(torch.where(pos, m2, torch.ones_like(m2))), 0.0)
+    return torch.addcdiv(m3, m1, root + eps)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
@@ -215,6 +216,11 @@ class Problem:
         return grad(pairing)(theta)
 
 
+def is_integer(value: object) -> bool:
+    """An integer argument: a Python or numpy integer, not a bool (``True`` is not a count)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
 def as_problem(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Problem) -> Problem:
     return batches if isinstance(batches, Problem) else Problem(model, loss_fn, batches)
 
@@ -225,9 +231,9 @@ def check_sequence(sequence: Sequence[int] | Tensor, num_batches: int) -> list[i
     if len(seq) == 0:
         raise ValueError("sequence: got an empty batch sequence; give at least one batch index")
     for j, i in enumerate(seq):
-        if not isinstance(i, int) or isinstance(i, bool):
-            try:
-                ok = int(i) == i
+        if not is_integer(i):
+            try:  # integral floats (2.0) are taken; bools are not indices
+                ok = int(i) == i and not isinstance(i, bool | np.bool_)
             except (TypeError, ValueError):
                 ok = False
             if not ok:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from noisemem.expectation import SAMPLINGS
+from noisemem.expectation import SAMPLINGS, SEED_LIMIT
 from noisemem.optim import OPTIMIZERS, Optimizer
 
 BUILTIN_DATA = ("digits", "mnist1d")
@@ -229,7 +229,7 @@ class TrainingSpec:
             batch_size=_int("training.batch_size", raw.get("batch_size", 32), 1),
             epochs=_int("training.epochs", raw.get("epochs", 1), 1),
             sampling=_choice("training.sampling", raw.get("sampling", "permute"), SAMPLINGS),
-            permutations=_int("training.permutations", raw.get("permutations", 32), 2),
+            permutations=_int("training.permutations", raw.get("permutations", 32), 2, SEED_LIMIT),
             chunk_size=_int("training.chunk_size", raw.get("chunk_size", 16), 1),
         )
 
@@ -325,7 +325,7 @@ class StudySpec:
         return cls(
             name=name,
             output=output,
-            seed=_int("seed", raw.get("seed", 0), 0),
+            seed=_int("seed", raw.get("seed", 0), 0, SEED_LIMIT - 1),
             data=DataSpec.parse(raw.get("data", {}), base),
             model=ModelSpec.parse(raw.get("model", {})),
             configs=_expand_optimizers(raw.get("optimizers")),

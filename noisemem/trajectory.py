@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from noisemem.correction import TAIL_TOL, Probe, require_smooth
 from noisemem.optim import Optimizer
-from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence
+from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence, is_integer
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def memoryless_run(
     tail_tol: float = TAIL_TOL,
 ) -> Run:
     """Iteration (4) (``order=2``) or its first-order version (``order=1``)."""
-    if order not in (1, 2):
+    if not is_integer(order) or order not in (1, 2):
         raise ValueError(f"order={order!r} is not allowed; use 1 or 2")
     problem = as_problem(model, loss_fn, batches)
     seq = check_sequence(sequence, problem.num_batches)
@@ -115,6 +115,9 @@ def trajectories(
 ) -> Trajectories:
     """Run (1), the first-order and the second-order memoryless iterations over ``sequence``."""
     problem = as_problem(model, loss_fn, batches)
+    # every argument checked before the first run starts
+    check_sequence(sequence, problem.num_batches)
+    require_smooth(optimizer)
     full = memoryful_run(model, loss_fn, problem, optimizer, sequence)
     first = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=1)
     second = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=2)
