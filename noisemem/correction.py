@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from torch.func import jvp
 
 from noisemem import fused
-from noisemem.optim import Optimizer, Source
-from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence
+from noisemem.optim import OPTIMIZERS, Optimizer, Source
+from noisemem.problem import Batch, LossFn, Problem, as_problem, sequence_array
 
 #: default relative bound on the dropped memory tail (see the module docstring)
 TAIL_TOL = 1e-12
@@ -134,12 +134,32 @@ def memory_weights(beta: float, steps: np.ndarray, n: int, tail_tol: float) -> n
     return np.where(steps >= own_start, beta ** (n - steps).astype(np.float64), 0.0)
 
 
+def require_optimizer(optimizer: object) -> None:
+    """``optimizer`` must be one of :mod:`noisemem.optim`'s descriptions."""
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(
+            f"optimizer={optimizer!r} is not allowed; use one of noisemem.optim's "
+            f"{', '.join(OPTIMIZERS)} (a torch.optim object does not describe its memory)"
+        )
+
+
 def require_smooth(optimizer: Optimizer) -> None:
+    require_optimizer(optimizer)
     if not optimizer.smooth:
         raise ValueError(
             f"optimizer: {optimizer!r} is not differentiable, so Eq. (9) is undefined; "
             "for Lion use eps > 0 (the soft sign K = ||x||_{1,eps})"
         )
+
+
+def check_correction_args(optimizer: Optimizer, tail_tol: float, hvp: str) -> None:
+    """The arguments of Eq. (9) other than the sequence, checked before any work."""
+    require_smooth(optimizer)
+    ok = isinstance(tail_tol, int | float) and not isinstance(tail_tol, bool)
+    if not (ok and 0 <= tail_tol < 1):
+        raise ValueError(f"tail_tol={tail_tol!r} is not allowed; tail_tol must lie in [0, 1)")
+    if hvp not in HVP_MODES:
+        raise ValueError(f"hvp={hvp!r} is not allowed; use one of {HVP_MODES}")
 
 
 class Probe:
@@ -220,9 +240,18 @@ class Probe:
             return out.sum(0) if summed else out
         blocks = torch.split(W, self.problem.numels, dim=1) if isinstance(W, Tensor) else W
         leaves, copies, G = self._graph
-        if summed:
-            return torch.cat(torch.autograd.grad(G, leaves, blocks, retain_graph=True))
-        return torch.cat(torch.autograd.grad(G, copies, blocks, retain_graph=True), 1)
+        inputs = leaves if summed else copies
+        # a parameter the loss does not use has a constant zero gradient, outside the graph
+        pairs = [(g, b) for g, b in zip(G, blocks, strict=True) if g.requires_grad]
+        out = torch.autograd.grad(
+            [g for g, _ in pairs],
+            inputs,
+            [b for _, b in pairs],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        parts = [torch.zeros_like(t) if o is None else o for o, t in zip(out, inputs, strict=True)]
+        return torch.cat(parts) if summed else torch.cat(parts, 1)
 
     def _vmapped_hvps(self, index: Tensor, vectors: Tensor) -> Tensor:
         """``H_{index[p]} vectors[p]`` by one vmapped forward-over-reverse call (no graph),
@@ -306,11 +335,15 @@ class Probe:
 
     def momenta(self, optimizer: Optimizer, sequence: Sequence[int]) -> list[Tensor]:
         """``m_l^(n+1)`` with every history slot at theta (n = len(sequence) - 1)."""
-        return [self.layout.to_standard(m) for m in self._momenta(optimizer, sequence)]
+        require_optimizer(optimizer)
+        sig = sequence_array(sequence, self.problem.num_batches)
+        return [self.layout.to_standard(m) for m in self._momenta(optimizer, sig)]
 
     def direction(self, optimizer: Optimizer, sequence: Sequence[int]) -> Tensor:
         """``F^(n)(theta, ..., theta)``: the first-order memoryless direction of (4)."""
-        return self.layout.to_standard(optimizer.phi(*self._momenta(optimizer, sequence)))
+        require_optimizer(optimizer)
+        sig = sequence_array(sequence, self.problem.num_batches)
+        return self.layout.to_standard(optimizer.phi(*self._momenta(optimizer, sig)))
 
     # -- Eq. (9) ------------------------------------------------------------------------
     def memory_correction(
@@ -322,10 +355,9 @@ class Probe:
         hvp: str = "auto",
     ) -> Tensor:
         """``M^(n)(theta)`` of Eq. (9) for ``sequence`` (n = len(sequence) - 1)."""
-        require_smooth(optimizer)
-        if hvp not in HVP_MODES:
-            raise ValueError(f"hvp={hvp!r} is not allowed; use one of {HVP_MODES}")
-        return self.layout.to_standard(self._correction(optimizer, sequence, tail_tol, hvp))
+        check_correction_args(optimizer, tail_tol, hvp)
+        sig = sequence_array(sequence, self.problem.num_batches)
+        return self.layout.to_standard(self._correction(optimizer, sig, tail_tol, hvp))
 
     def _correction(
         self, optimizer: Optimizer, sequence: Sequence[int], tail_tol: float, hvp: str
@@ -655,15 +687,13 @@ def memory_correction(
     ``sequence[j]`` is the index of the batch used at iteration j (any length: several
     epochs, repeated batches). Returns a flat ``(d,)`` tensor in
     ``parameters_to_vector(model.parameters())`` order, on the parameters' device and dtype.
-    ``hvp`` picks how the Hessian-vector products are taken: ``"double_backward"`` (the
-    default, also ``"auto"``: one backward pass per momentum variable through the graph of
+    ``hvp`` picks how the Hessian-vector products are taken: ``"auto"`` (the default) and
+    ``"double_backward"``, one backward pass per momentum variable through the graph of
     the batch gradients, each batch holding its own copy of theta so that every ``H_i w_i``
-    comes out separately) or ``"vmap"`` (one vmapped forward-over-reverse call over every
-    (batch, variable) pair).
+    comes out separately; or ``"vmap"``, one vmapped forward-over-reverse call over every
+    (batch, variable) pair. Every argument is checked before any work starts.
     """
+    check_correction_args(optimizer, tail_tol, hvp)
     problem = as_problem(model, loss_fn, batches)
-    seq = check_sequence(sequence, problem.num_batches)
-    require_smooth(optimizer)
-    if not (isinstance(tail_tol, int | float) and 0 <= tail_tol < 1):
-        raise ValueError(f"tail_tol={tail_tol!r} is not allowed; tail_tol must lie in [0, 1)")
+    seq = sequence_array(sequence, problem.num_batches)
     return Probe(problem).memory_correction(optimizer, seq, tail_tol=tail_tol, hvp=hvp)

@@ -291,8 +291,9 @@ class NAdamW(Optimizer):
       decoupled_weight_decay=True)``): mu_t = beta1 (1 - 0.5 * 0.96^(t psi)), t = n+1,
       c_1 = (1-beta1) mu_{t+1} / (1 - prod_{i<=t+1} mu_i), c_4 = (1-mu_t)/(1 - prod_{i<=t} mu_i).
 
-    As psi -> infinity both coincide up to the bias correction of c_1; their n -> infinity
-    limits are the same.
+    As psi -> infinity, mu_t -> beta1 and the schedule's scales become bias-corrected
+    versions of the paper's: c_1 -> beta1 (1-beta1)/(1-beta1^(n+2)) and
+    c_4 -> (1-beta1)/(1-beta1^(n+1)). Their n -> infinity limits are the same.
     """
 
     lr: float

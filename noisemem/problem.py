@@ -34,6 +34,13 @@ def stack_batches(batches: Sequence[Batch]) -> tuple[Tensor, Tensor]:
             f"got input sizes {sizes} and target sizes {target_sizes} "
             "(drop the incomplete last batch)"
         )
+    for what, k in (("inputs", 0), ("targets", 1)):
+        shapes = sorted({tuple(b[k].shape[1:]) for b in batches})
+        if len(shapes) != 1:
+            raise ValueError(
+                f"batches: every batch's {what} must have the same shape past the batch "
+                f"dimension; got {shapes}"
+            )
     return torch.stack([x for x, _ in batches]), torch.stack([y for _, y in batches])
 
 
@@ -190,7 +197,9 @@ class Problem:
         """
         with torch.enable_grad():
             losses = vmap(self.native_loss)(list(thetas), self.X, self.Y)
-            return list(torch.autograd.grad(losses.sum(), thetas, create_graph=True))
+            grads = torch.autograd.grad(losses.sum(), thetas, create_graph=True, allow_unused=True)
+        # a parameter the loss does not use has zero gradients (and no graph)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, thetas, strict=True)]
 
     def full_grad(self, theta: Tensor) -> Tensor:
         """``g = grad L``: ``(d,)``."""
@@ -223,6 +232,17 @@ def is_integer(value: object) -> bool:
 
 def as_problem(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Problem) -> Problem:
     return batches if isinstance(batches, Problem) else Problem(model, loss_fn, batches)
+
+
+def sequence_array(sequence: Sequence[int] | Tensor | np.ndarray, num_batches: int) -> np.ndarray:
+    """:func:`check_sequence` as an int64 array; integer arrays and tensors are checked
+    without a Python loop (the engine takes one sequence per sampled order)."""
+    if isinstance(sequence, Tensor):
+        sequence = sequence.detach().cpu().numpy()
+    if isinstance(sequence, np.ndarray) and sequence.ndim == 1 and sequence.dtype.kind in "iu":
+        if sequence.size and 0 <= sequence.min() and sequence.max() < num_batches:
+            return sequence.astype(np.int64, copy=False)
+    return np.asarray(check_sequence(sequence, num_batches), dtype=np.int64)
 
 
 def check_sequence(sequence: Sequence[int] | Tensor, num_batches: int) -> list[int]:

@@ -7,14 +7,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, rel_err
+from conftest import Tiny, make_tiny, rel_err
 from oracles import literal_correction
+from torch import nn
 
 import noisemem.correction as correction
 import noisemem.fused as fused
 from noisemem import memory_correction
-from noisemem.correction import tail_ratio, truncation_horizon
+from noisemem.correction import Probe, tail_ratio, truncation_horizon
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov
+from noisemem.problem import Problem
 
 OPTIMIZERS = {
     "heavy_ball": HeavyBall(0.1, 0.9),
@@ -131,7 +133,9 @@ def test_blocked_window_equals_single_block(monkeypatch, opt, dense):
     d = tiny.theta.numel()
     if not dense:
         monkeypatch.setattr(correction, "DENSE_MAX_BATCHES", 0)
-    monkeypatch.setattr(correction, "MAX_WINDOW_ELEMENTS", 3 * 3 * d)  # 3 rows per block
+    # rows x d summed over the variables: 3 rows per block for AdamW, 9 for heavy ball;
+    # either way the 16-step window is split
+    monkeypatch.setattr(correction, "MAX_WINDOW_ELEMENTS", 3 * 3 * d)
     blocked = memory_correction(
         tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, hvp="vmap"
     )
@@ -191,7 +195,9 @@ def test_memoryless_optimizer_has_no_correction():
     assert torch.count_nonzero(M) == 0
 
 
-def test_result_is_flat_in_parameter_order_and_model_is_untouched():
+def test_result_is_flat_float64_and_model_is_untouched():
+    """(The parameter order itself is checked by every comparison with the literal Eq. (9),
+    which works in ``parameters_to_vector`` order.)"""
     tiny = make_tiny("gelu_mlp")
     before = tiny.theta
     M = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS["heavy_ball"], [0, 1])
@@ -199,38 +205,183 @@ def test_result_is_flat_in_parameter_order_and_model_is_untouched():
     assert torch.equal(before, tiny.theta)
 
 
+class CountingModel(nn.Module):
+    """Counts its forward calls: bad input must be refused before the model ever runs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(x)
+
+
 BAD_INPUT = [
     ("unequal", "batches"),
+    ("feature_shapes", "batches"),
     ("out_of_range", "sequence[2]=4"),
     ("negative", "sequence[0]=-1"),
+    ("fractional", "sequence[1]=1.5"),
+    ("bool_index", "sequence[1]=True"),
     ("empty", "sequence"),
     ("sign_lion", "eps > 0"),
-    ("tail_tol", "tail_tol"),
+    ("not_an_optimizer", "optimizer=SGD"),
+    ("tail_tol", "tail_tol=2.0"),
+    ("tail_tol_nan", "tail_tol=nan"),
+    ("tail_tol_bool", "tail_tol=False"),
+    ("hvp", "hvp='forward'"),
 ]
 
 
-@pytest.mark.parametrize("case, needle", BAD_INPUT, ids=[c for c, _ in BAD_INPUT])
-def test_bad_input_raises_a_clear_value_error(case, needle):
+def bad_input(case: str):
     tiny = make_tiny("softmax")
+    model = CountingModel(tiny.model)
     batches, seq, opt, kw = tiny.batches, [0, 1, 2], HeavyBall(0.1, 0.9), {}
     if case == "unequal":
         x, y = batches[-1]
         batches = [*batches[:-1], (x[:1], y[:1])]
+    elif case == "feature_shapes":
+        x, y = batches[-1]
+        batches = [*batches[:-1], (torch.cat([x, x], 1), y)]
     elif case == "out_of_range":
         seq = [0, 1, 4]
     elif case == "negative":
         seq = [-1, 0]
+    elif case == "fractional":
+        seq = [0, 1.5]
+    elif case == "bool_index":
+        seq = [0, True]
     elif case == "empty":
         seq = []
     elif case == "sign_lion":
         opt = Lion(0.01, 0.9, 0.99)
+    elif case == "not_an_optimizer":
+        opt = torch.optim.SGD(tiny.model.parameters(), lr=0.1, momentum=0.9)
     elif case == "tail_tol":
         kw = {"tail_tol": 2.0}
+    elif case == "tail_tol_nan":
+        kw = {"tail_tol": float("nan")}
+    elif case == "tail_tol_bool":
+        kw = {"tail_tol": False}
+    elif case == "hvp":
+        kw = {"hvp": "forward"}
+    return model, tiny.loss_fn, batches, opt, seq, kw
+
+
+@pytest.mark.parametrize("case, needle", BAD_INPUT, ids=[c for c, _ in BAD_INPUT])
+def test_bad_input_raises_a_clear_value_error_before_any_work(case, needle):
+    model, loss_fn, batches, opt, seq, kw = bad_input(case)
     with pytest.raises(ValueError) as err:
-        memory_correction(tiny.model, tiny.loss_fn, batches, opt, seq, **kw)
+        memory_correction(model, loss_fn, batches, opt, seq, **kw)
     assert needle in str(err.value)
+    assert model.calls == 0
     if case == "out_of_range":
         assert "[0, 4)" in str(err.value)
+
+
+PROBE_CASES = [(c, n) for c, n in BAD_INPUT if n != "batches"]
+
+
+@pytest.mark.parametrize("case, needle", PROBE_CASES, ids=[c for c, _ in PROBE_CASES])
+def test_a_probe_checks_its_arguments_too(case, needle):
+    """The studies and trajectories call :meth:`Probe.memory_correction` directly: the same
+    checks hold there (a negative index used to wrap around, a fractional one to be cut)."""
+    model, loss_fn, batches, opt, seq, kw = bad_input(case)
+    probe = Probe(Problem(model, loss_fn, batches))
+    with pytest.raises(ValueError) as err:
+        probe.memory_correction(opt, seq, **kw)
+    assert needle in str(err.value)
+    if needle.startswith(("optimizer", "sequence")):
+        with pytest.raises(ValueError, match=r"optimizer|sequence"):
+            probe.direction(opt, seq)
+
+
+def test_integer_arrays_are_checked_without_a_loop_and_give_the_same_result():
+    tiny = make_tiny("gelu_mlp")
+    opt = OPTIMIZERS["adamw_eps_in_sqrt"]
+    seq = SEQUENCES["two_epochs"]
+    probe = Probe(Problem(tiny.model, tiny.loss_fn, tiny.batches))
+    as_list = probe.memory_correction(opt, seq)
+    for form in (np.asarray(seq, dtype=np.int32), torch.tensor(seq)):
+        assert torch.equal(probe.memory_correction(opt, form), as_list)
+    with pytest.raises(ValueError, match=r"sequence\[2\]=4"):
+        probe.memory_correction(opt, np.array([0, 1, 4, 2]))
+
+
+def dead_input_twins() -> tuple[Tiny, Tiny, list[int], list[int]]:
+    """A GELU MLP on 4 features whose last one is always 0, and the same network without
+    that feature. Returns both, the coordinates of the wide model's parameters that the
+    narrow one has (in its order), and those of the dead feature's weights."""
+    base = make_tiny("gelu_mlp")
+    zero = torch.zeros(base.batches[0][0].shape[0], 1, dtype=torch.float64)
+    batches = [(torch.cat([x, zero], 1), y) for x, y in base.batches]
+    gen = torch.Generator().manual_seed(5)
+    wide = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 3)).double()
+    narrow = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        for p in wide.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        narrow[0].weight.copy_(wide[0].weight[:, :3])
+        narrow[0].bias.copy_(wide[0].bias)
+        narrow[2].weight.copy_(wide[2].weight)
+        narrow[2].bias.copy_(wide[2].bias)
+    d = sum(p.numel() for p in wide.parameters())
+    dead = [o * 4 + 3 for o in range(4)]  # weight[o, 3], row-major
+    kept = [j for j in range(d) if j not in dead]
+    return Tiny("wide", wide, batches), Tiny("narrow", narrow, base.batches), kept, dead
+
+
+@pytest.mark.parametrize("path", ["fused", "torch", "vmap"])
+@pytest.mark.parametrize("name", ["adamw", "nadamw"])
+def test_adam_eps_outside_the_sqrt_is_finite_on_a_dead_input_feature(monkeypatch, name, path):
+    """Where a coordinate's gradient is 0 in every batch (the digits' always-zero pixels),
+    m2 = 0 and sqrt'(0) is infinite; the step m1/(sqrt(m2)+eps) is still smooth there (m1 =
+    0 too), and those weights' M is 0, since their F is identically 0 near theta. The other
+    coordinates must equal Eq. (9) of the network without the feature (the literal oracle)."""
+    cls = AdamW if name == "adamw" else NAdamW
+    opt = cls(0.01, 0.8, 0.95, 1e-3, eps_in_sqrt=False)
+    wide, narrow, kept, dead = dead_input_twins()
+    seq = SEQUENCES["two_epochs"]
+    monkeypatch.setattr(correction, "FUSED", path == "fused")
+    hvp = "vmap" if path == "vmap" else "auto"
+    M = memory_correction(wide.model, wide.loss_fn, wide.batches, opt, seq, tail_tol=0, hvp=hvp)
+    literal = literal_correction(
+        narrow.model, narrow.loss_fn, narrow.batches, opt, seq, narrow.theta
+    )
+    assert bool(torch.isfinite(M).all())
+    assert torch.equal(M[dead], torch.zeros(len(dead), dtype=M.dtype))
+    assert float(literal.norm()) > 1e-6
+    assert rel_err(M[kept], literal) < 1e-9
+
+
+class WithUnused(nn.Module):
+    """A network with an extra parameter its output never uses."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("hvp", ["auto", "vmap"])
+@pytest.mark.parametrize("opt", ["heavy_ball", "adamw_eps_in_sqrt"])
+def test_a_parameter_the_loss_never_uses_gets_zero_correction(opt, hvp):
+    """Its gradient is identically 0, so no history term reaches it (weight decay has no
+    memory), and the other coordinates are those of the network without it."""
+    tiny = make_tiny("gelu_mlp")
+    seq = SEQUENCES["two_epochs"]
+    optimizer = OPTIMIZERS[opt]
+    expected = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq)
+    model = WithUnused(tiny.model)
+    M = memory_correction(model, tiny.loss_fn, tiny.batches, optimizer, seq, hvp=hvp)
+    assert next(n for n, _ in model.named_parameters()) == "unused"  # own parameters first
+    assert rel_err(M[2:], expected) < 1e-12
+    assert torch.equal(M[:2], torch.zeros(2, dtype=M.dtype))
 
 
 def test_keeping_freed_memory_is_accepted_here_and_changes_no_result():
@@ -318,10 +469,10 @@ def test_fused_kernel_compiles_where_numba_cannot_cache(monkeypatch):
     assert torch.equal(again, expected)
 
 
-@pytest.mark.parametrize("path", ["fused", "dense", "streamed"])
-def test_every_path_truncates_each_variable_at_its_own_horizon(monkeypatch, path):
+def test_every_path_truncates_each_variable_at_its_own_horizon(monkeypatch):
     """With tail_tol > 0 and a window starting after step 0, beta1 = 0.5 keeps ~30 terms and
-    beta2 = 0.9 ~300: every path must drop exactly the same terms (float64, 1e-12)."""
+    beta2 = 0.9 ~300: the three implementations (fused kernel, torch dense, torch streamed)
+    must drop exactly the same terms (float64, 1e-12), and something must be dropped."""
     tiny = make_tiny("gelu_mlp")
     seq = [j * 7 % 4 for j in range(400)]
     opt = AdamW(0.01, 0.5, 0.9, 1e-3, weight_decay=0.1)
@@ -337,13 +488,18 @@ def test_every_path_truncates_each_variable_at_its_own_horizon(monkeypatch, path
                 tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=tol, hvp="vmap"
             )
 
-    reference = {"torch dense": correction_via(False, 256)}
-    reference[path] = correction_via(path == "fused", 0 if path == "streamed" else 256)
-    assert rel_err(reference[path], reference["torch dense"]) < 1e-12
+    paths = {
+        "fused": correction_via(True, 256),
+        "dense": correction_via(False, 256),
+        "streamed": correction_via(False, 0),
+    }
+    assert rel_err(paths["fused"], paths["dense"]) < 1e-12
+    assert rel_err(paths["streamed"], paths["dense"]) < 1e-12
     untruncated = memory_correction(
         tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=0, hvp="vmap"
     )
-    assert 0 < rel_err(reference[path], untruncated) < 1e-4  # something was dropped, a little
+    for M in paths.values():
+        assert 0 < rel_err(M, untruncated) < 1e-4  # something was dropped, a little
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 0.999])
