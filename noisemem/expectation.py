@@ -277,8 +277,8 @@ def expected_correction(
     for every smooth optimizer, averaging Eq. (9) over ``permutations`` sampled orders
     (``stderr`` per coordinate; reproducible from ``seed``).
     """
-    problem = as_problem(model, loss_fn, batches)
     require_smooth(optimizer)
+    problem = as_problem(model, loss_fn, batches)
     n = _check_expectation_args(
         optimizer, sampling, method, epochs, step, permutations, seed, problem.num_batches
     )

@@ -131,12 +131,12 @@ def full_batch_correction(
     closed form at finite n: Eq. (9) is then evaluated on the full batch repeated n+1 times
     (its limit is the paper's, since mu_t -> beta1).
     """
-    problem = as_problem(model, loss_fn, batches)
     require_smooth(optimizer)
     if step is not None and (not is_integer(step) or step < 0):
         raise ValueError(
             f"step={step!r} is not allowed; step must be None (the limit) or an int >= 0"
         )
+    problem = as_problem(model, loss_fn, batches)
     return full_batch_prediction(problem, optimizer, None if step is None else int(step))
 
 

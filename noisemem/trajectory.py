@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from noisemem.correction import TAIL_TOL, Probe, require_smooth
+from noisemem.correction import (
+    TAIL_TOL,
+    Probe,
+    check_correction_args,
+    require_optimizer,
+    require_smooth,
+)
 from noisemem.optim import Optimizer
 from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence, is_integer
 
@@ -54,6 +60,7 @@ def memoryful_run(
     sequence: Sequence[int],
 ) -> Run:
     """Iteration (1) from the model's current parameters over ``sequence``."""
+    require_optimizer(optimizer)
     problem = as_problem(model, loss_fn, batches)
     seq = check_sequence(sequence, problem.num_batches)
     state = optimizer.init(problem.theta)
@@ -80,10 +87,12 @@ def memoryless_run(
     """Iteration (4) (``order=2``) or its first-order version (``order=1``)."""
     if not is_integer(order) or order not in (1, 2):
         raise ValueError(f"order={order!r} is not allowed; use 1 or 2")
+    if order == 2:
+        check_correction_args(optimizer, tail_tol, "auto")
+    else:
+        require_optimizer(optimizer)
     problem = as_problem(model, loss_fn, batches)
     seq = check_sequence(sequence, problem.num_batches)
-    if order == 2:
-        require_smooth(optimizer)
 
     def advance(n: int, theta: Tensor) -> Tensor:
         probe = Probe(problem, theta)
@@ -114,10 +123,9 @@ def trajectories(
     sequence: Sequence[int],
 ) -> Trajectories:
     """Run (1), the first-order and the second-order memoryless iterations over ``sequence``."""
+    require_smooth(optimizer)  # every argument checked before the first run starts
     problem = as_problem(model, loss_fn, batches)
-    # every argument checked before the first run starts
     check_sequence(sequence, problem.num_batches)
-    require_smooth(optimizer)
     full = memoryful_run(model, loss_fn, problem, optimizer, sequence)
     first = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=1)
     second = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=2)

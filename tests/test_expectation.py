@@ -11,8 +11,9 @@ import torch
 from conftest import make_tiny, rel_err
 
 from noisemem import expected_correction, full_batch_correction, memory_correction
-from noisemem.expectation import pair_coefficients
+from noisemem.expectation import monte_carlo_moments, pair_coefficients, sample_run
 from noisemem.optim import AdamW, HeavyBall, Lion, Nesterov
+from noisemem.problem import Problem
 
 LINEAR = {"heavy_ball": HeavyBall(0.1, 0.9), "nesterov": Nesterov(0.1, 0.7)}
 
@@ -40,8 +41,14 @@ def test_exact_permute_equals_average_over_every_permutation(opt, epochs, step):
         (tiny.batches, list(itertools.chain(*combo))[: n + 1])
         for combo in itertools.product(perms, repeat=-(-(n + 1) // 3))
     ]
-    assert rel_err(exact.mean, average_over(tiny, optimizer, runs)) < 1e-9
-    assert rel_err(exact.full_batch_part + exact.noise_part, exact.mean) < 1e-12
+    brute = average_over(tiny, optimizer, runs)
+    assert rel_err(exact.mean, brute) < 1e-9
+    # the split: the full-batch part is Appendix E's correction at step n (its own test
+    # below), so the noise part must be what the orderings add to it
+    fb = full_batch_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, step=n)
+    if n > 0:
+        assert float(exact.noise_part.norm()) > 1e-3 * float(brute.norm())
+        assert rel_err(exact.noise_part, brute - fb) < 1e-9
 
 
 @pytest.mark.parametrize("opt", sorted(LINEAR))
@@ -172,11 +179,12 @@ def test_monte_carlo_is_within_four_standard_errors_of_exact(sampling):
 def test_monte_carlo_standard_error_shrinks_like_one_over_sqrt_p():
     """SE(P)/SE(4P) should be 2. The sample variance of P Gaussian draws has relative sd
     sqrt(2/(P-1)) (0.18 at P = 64), so the ratio of square roots is 2 +- ~13% per coordinate;
-    pooled over coordinates (sum of squares) the bound 25% is > 3 such deviations."""
+    pooled over coordinates (sum of squares) the bound 25% is > 3 such deviations. The two
+    estimates use different seeds, so their orders are independent."""
     tiny = make_tiny("gelu_mlp", num_batches=5)
     opt = HeavyBall(0.1, 0.8)
     se = {}
-    for P in (64, 256):
+    for P, seed in ((64, 3), (256, 4)):
         mc = expected_correction(
             tiny.model,
             tiny.loss_fn,
@@ -184,7 +192,7 @@ def test_monte_carlo_standard_error_shrinks_like_one_over_sqrt_p():
             opt,
             method="monte_carlo",
             permutations=P,
-            seed=3,
+            seed=seed,
         )
         se[P] = float(mc.stderr.pow(2).sum().sqrt())
     assert abs(se[64] / se[256] / 2 - 1) < 0.25
@@ -200,13 +208,82 @@ def test_monte_carlo_is_reproducible_and_works_for_adam_and_lion():
         assert a.full_batch_part is None and float(a.mean.norm()) > 0
 
 
+@pytest.mark.parametrize("sampling", ["permute", "reshuffle"])
+def test_monte_carlo_mean_and_stderr_are_the_sample_mean_and_std_over_sqrt_p(sampling):
+    """Against Eq. (9) evaluated by hand on each sampled order: mean, and the sample standard
+    deviation (ddof = 1) over sqrt(P), per coordinate."""
+    tiny = make_tiny("gelu_mlp", num_batches=3)
+    opt, P, seed, epochs = AdamW(0.01, 0.9, 0.99, 1e-3), 9, 21, 2
+    mc = expected_correction(
+        tiny.model,
+        tiny.loss_fn,
+        tiny.batches,
+        opt,
+        epochs=epochs,
+        sampling=sampling,
+        method="monte_carlo",
+        permutations=P,
+        seed=seed,
+    )
+    problem = Problem(tiny.model, tiny.loss_fn, tiny.batches)
+    samples = []
+    for p in range(P):
+        run = sample_run(sampling, 3, 2, epochs * 3, seed, p)
+        batches = tiny.batches
+        if run.batches is not None:  # fresh batches of the samples, rows of the flat data
+            X, Y = problem.X.flatten(0, 1), problem.Y.flatten(0, 1)
+            batches = [(X[r], Y[r]) for r in torch.as_tensor(run.batches)]
+        samples.append(
+            memory_correction(tiny.model, tiny.loss_fn, batches, opt, run.sequence.tolist())
+        )
+    S = torch.stack(samples)
+    assert rel_err(mc.mean, S.mean(0)) < 1e-12
+    assert rel_err(mc.stderr, S.std(0, correction=1) / math.sqrt(P)) < 1e-9
+
+
+def test_monte_carlo_does_not_depend_on_how_orders_are_split():
+    """Orders split among workers, each summarised and then merged, give the estimate of
+    all of them at once (order p depends only on (seed, p))."""
+    tiny = make_tiny("softmax", num_batches=4)
+    problem = Problem(tiny.model, tiny.loss_fn, tiny.batches)
+    opt = Nesterov(0.1, 0.8)
+    whole = monte_carlo_moments(problem, opt, "permute", 7, range(12), seed=2)
+    parts = [range(0, 5), range(5, 6), range(6, 12)]
+    merged = monte_carlo_moments(problem, opt, "permute", 7, parts[0], seed=2)
+    for r in parts[1:]:
+        merged = merged.merge(monte_carlo_moments(problem, opt, "permute", 7, r, seed=2))
+    assert merged.count == whole.count == 12
+    assert rel_err(merged.mean, whole.mean) < 1e-13
+    assert rel_err(merged.stderr, whole.stderr) < 1e-10
+
+
+def test_orders_are_distinct_across_large_seeds():
+    """numpy's SeedSequence splits an int >= 2**32 into 32-bit words, so (2**32, 0) would draw
+    the order of (0, 1); such seeds are refused."""
+    assert sample_run("permute", 6, 1, 6, 0, 1).sequence.tolist() != (
+        sample_run("permute", 6, 1, 6, 2**32 - 1, 0).sequence.tolist()
+    )
+    with pytest.raises(ValueError, match="seed"):
+        sample_run("permute", 6, 1, 6, 2**32, 0)
+    with pytest.raises(ValueError, match="index"):
+        sample_run("permute", 6, 1, 6, 0, 2**32)
+
+
 BAD = [
     ({"sampling": "shuffle"}, "sampling='shuffle'"),
     ({"method": "closed"}, "method='closed'"),
     ({"epochs": 0}, "epochs=0"),
+    ({"epochs": True}, "epochs=True"),
     ({"step": 8}, "step=8"),
+    ({"step": True}, "step=True"),
     ({"method": "monte_carlo"}, "permutations=None"),
     ({"method": "monte_carlo", "permutations": 1}, "permutations=1"),
+    ({"method": "monte_carlo", "permutations": True}, "permutations=True"),
+    ({"method": "monte_carlo", "permutations": 4, "seed": -1}, "seed=-1"),
+    ({"method": "monte_carlo", "permutations": 4, "seed": 2**32}, "seed=4294967296"),
+    ({"method": "monte_carlo", "permutations": 4, "seed": 1.5}, "seed=1.5"),
+    ({"method": "monte_carlo", "permutations": 4, "seed": None}, "seed=None"),
+    ({"method": "monte_carlo", "permutations": 4, "seed": True}, "seed=True"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_tiny, rel_err
@@ -125,8 +126,22 @@ def test_lion_limit_is_appendix_e_as_printed():
 
 def test_bad_step_and_sign_lion_are_refused():
     tiny = make_tiny("softmax")
-    with pytest.raises(ValueError, match="step"):
-        full_batch_correction(tiny.model, tiny.loss_fn, tiny.batches, HeavyBall(0.1, 0.9), step=-1)
+    for step in (-1, True, 1.0):
+        with pytest.raises(ValueError, match=f"step={step!r}"):
+            full_batch_correction(
+                tiny.model, tiny.loss_fn, tiny.batches, HeavyBall(0.1, 0.9), step=step
+            )
+    at_int = full_batch_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, HeavyBall(0.1, 0.9), step=3
+    )
+    at_numpy = full_batch_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, HeavyBall(0.1, 0.9), step=np.int64(3)
+    )
+    assert torch.equal(at_int, at_numpy)
+    with pytest.raises(ValueError, match="optimizer="):
+        full_batch_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, torch.optim.SGD(tiny.model.parameters(), 0.1)
+        )
     with pytest.raises(ValueError, match="eps > 0"):
         full_batch_correction(tiny.model, tiny.loss_fn, tiny.batches, Lion(0.1, 0.9, 0.99))
 

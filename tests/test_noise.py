@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_tiny, rel_err
 from oracles import batch_gradient, flat_loss
@@ -57,3 +58,9 @@ def test_per_sample_variant_uses_every_sample_as_a_batch():
     a = noise_regularizer(tiny.model, tiny.loss_fn, tiny.batches, per_sample=True)
     b = noise_regularizer(tiny.model, tiny.loss_fn, singles)
     assert abs(a[0] - b[0]) < 1e-14 and rel_err(a[1], b[1]) < 1e-13
+
+
+def test_per_sample_must_be_a_bool():
+    tiny = make_tiny("softmax")
+    with pytest.raises(ValueError, match="per_sample='x'"):
+        noise_regularizer(tiny.model, tiny.loss_fn, tiny.batches, per_sample="x")

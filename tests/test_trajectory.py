@@ -8,8 +8,8 @@ import torch
 from conftest import make_tiny
 
 from noisemem import trajectories
-from noisemem.optim import AdamW, HeavyBall
-from noisemem.trajectory import memoryful_run
+from noisemem.optim import AdamW, HeavyBall, Lion
+from noisemem.trajectory import memoryful_run, memoryless_run
 
 HORIZON = 0.8
 STEP_SIZES = [0.04, 0.02, 0.01, 0.005]
@@ -56,3 +56,46 @@ def test_divergent_run_is_recorded_not_raised():
     assert run.diverged_at is not None and 0 < run.diverged_at < 400
     assert bool(torch.isnan(run.thetas[run.diverged_at :]).all())
     assert bool(torch.isfinite(run.thetas[: run.diverged_at]).all())
+
+
+class CountingLoss:
+    """A loss that counts its calls: refused input must not reach it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.nn.functional.cross_entropy(out, y)
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("sign_lion", "eps > 0"),
+        ("index", "sequence[2]=9"),
+        ("optimizer", "optimizer="),
+    ],
+)
+def test_trajectories_refuse_bad_input_before_the_first_run(case, needle):
+    tiny = make_tiny("softmax")
+    loss = CountingLoss()
+    opt, seq = HeavyBall(0.1, 0.5), [0, 1, 2, 3] * 50
+    if case == "sign_lion":
+        opt = Lion(0.01, 0.9, 0.99)  # runs fine; Eq. (9) needs the soft sign
+    elif case == "index":
+        seq = [0, 1, 9]
+    else:
+        opt = torch.optim.SGD(tiny.model.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as err:
+        trajectories(tiny.model, loss, tiny.batches, opt, seq)
+    assert needle in str(err.value) and loss.calls == 0
+
+
+@pytest.mark.parametrize("order", [0, 3, True, 2.0])
+def test_memoryless_order_must_be_one_or_two(order):
+    tiny = make_tiny("softmax")
+    with pytest.raises(ValueError, match=f"order={order!r}"):
+        memoryless_run(
+            tiny.model, tiny.loss_fn, tiny.batches, HeavyBall(0.1, 0.5), [0, 1], order=order
+        )
