@@ -189,7 +189,11 @@ def digits(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
 
 def split_batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     """Consecutive batches of ``batch_size`` samples; the incomplete last batch is dropped."""
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(x):
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 1 <= batch_size <= len(x)
+    ):
         raise ValueError(
             f"batch_size={batch_size!r} is not allowed; it must be an int in [1, {len(x)}]"
         )

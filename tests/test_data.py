@@ -96,3 +96,5 @@ def test_split_drops_the_partial_batch_and_names_bad_sizes():
     assert len(batches) == 56 and all(len(b[0]) == 32 for b in batches)
     with pytest.raises(ValueError, match="batch_size=2000"):
         split_batches(x, y, 2000)
+    with pytest.raises(ValueError, match="batch_size=True"):
+        split_batches(x, y, True)
