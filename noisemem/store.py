@@ -3,28 +3,43 @@
 Layout of a study directory (a local path or a URI such as ``s3://bucket/study``)::
 
     study.toml                       the resolved spec
-    manifest.json                    schema version, spec digest, data record, parts written
+    manifest.json                    schema version, study name, spec digest, data record,
+                                     batch split, configs, chunk and permutation counts, and
+                                     whether the study finished with no failed chunk
     runs/<config>/chunk-00003.parquet
     steps/<config>/chunk-00003.parquet
     corrections/<config>/chunk-00003.parquet
     moments/<config>/chunk-00003.parquet
     predictions/<config>/predictions.parquet
 
-Every part is keyed by (config, chunk) and written atomically (a temporary file, then a
-rename), so a retried chunk replaces its part and never duplicates rows. The ``runs`` part is
-written last: a chunk is complete exactly when its ``runs`` part exists, which is what a
-resumed study checks. Vectors (``sum``, ``sum_sq``, ``vector``) are ``list<float64>`` in
-``parameters_to_vector`` order. Tables and columns (schema version 1):
+Every part is keyed by (config, chunk) and written atomically (a temporary file
+``<part>.tmp-<hex>`` beside it, then a rename), so a retried chunk replaces its part and never
+duplicates rows, and a write that fails midway leaves the previous part (or none) visible;
+readers list only ``*.parquet`` names, so a temporary file a crashed process left behind is
+never read. The ``runs`` part is written last: a chunk is complete exactly when its ``runs``
+part exists, which is what a resumed study checks. Vectors (``mean``, ``m2``, ``vector``) are
+``list<float64>`` in ``parameters_to_vector`` order. Tables and columns (schema version 2):
 
 * ``runs``: one row per (config, permutation): seeds, optimizer and hyperparameters (JSON),
   status (ok / diverged / failed) with the error, the step it diverged at, timings, versions.
 * ``steps``: per (config, permutation, step): batch loss and accuracy, gradient norm, and the
   l_inf distances to the first/second-order memoryless runs when recorded.
 * ``corrections``: per (config, permutation, probe, step): |M|, l_inf, and projections and
-  cosines against the full-batch prediction and the noise direction at the same parameters.
-* ``moments``: per (config, probe, step, chunk): count, sum and sum of squares of M (float64).
+  cosines against the full-batch prediction and the noise direction at the same parameters
+  (computed in float64 whatever the study's dtype).
+* ``moments``: per (config, probe, step, chunk), over the chunk's runs with a finite M:
+  ``count``; ``mean``, the mean of M (NaN when count is 0); ``m2``, the centred sum of squares
+  ``sum_p (M_p - mean)^2`` (float64). Parts merge with Chan et al.'s pairwise formula
+  (:func:`noisemem.stats.chan_merge`, :func:`merged_moments`), which stays accurate when the
+  spread across permutations is tiny against the mean.
 * ``predictions``: per (config, probe, step, kind): full-batch and exact-expectation vectors
   with their norms and coefficients.
+
+Schema history: version 1 stored ``sum`` and ``sum_sq`` (sums of M and of M**2) in
+``moments`` instead of ``mean`` and ``m2``; every other table is the same. Version-1 parts
+still load: :meth:`Store.read` converts each such part on reading (``mean = sum / count``,
+``m2 = sum_sq - sum**2 / count``, as exact as the stored sums allow), so a version-1 store,
+or one a newer noisemem resumed (parts of both versions), reads as version 2.
 """
 
 from __future__ import annotations
@@ -41,7 +56,9 @@ from pyarrow import fs as pafs
 if TYPE_CHECKING:  # pandas is imported where frames are built: study actors never need it
     import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions :func:`load` reads (older parts are converted on reading, see the module notes)
+READABLE_SCHEMA_VERSIONS = (1, 2)
 TABLES = ("runs", "steps", "corrections", "moments", "predictions")
 
 SCHEMAS: dict[str, pa.Schema] = {
@@ -103,8 +120,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("step", pa.int32()),
             ("chunk", pa.int32()),
             ("count", pa.int64()),
-            ("sum", pa.list_(pa.float64())),
-            ("sum_sq", pa.list_(pa.float64())),
+            ("mean", pa.list_(pa.float64())),
+            ("m2", pa.list_(pa.float64())),
         ]
     ),
     "predictions": pa.schema(
@@ -119,6 +136,47 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
 }
+
+#: the ``moments`` table of schema version 1 (converted to version 2 on reading)
+MOMENTS_V1 = pa.schema(
+    [
+        ("config", pa.string()),
+        ("probe", pa.string()),
+        ("step", pa.int32()),
+        ("chunk", pa.int32()),
+        ("count", pa.int64()),
+        ("sum", pa.list_(pa.float64())),
+        ("sum_sq", pa.list_(pa.float64())),
+    ]
+)
+
+
+def moments_from_v1(table: pa.Table) -> pa.Table:
+    """A version-1 ``moments`` table (count, sum, sum_sq) as version 2 (count, mean, m2):
+    ``mean = sum / count`` and ``m2 = max(sum_sq - sum**2 / count, 0)``; a count of 0 gives a
+    NaN mean and a zero m2, a count of 1 a zero m2."""
+    import numpy as np
+
+    table = table.select(MOMENTS_V1.names).cast(MOMENTS_V1)
+    means, m2s = [], []
+    for count, total, squares in zip(
+        table.column("count").to_pylist(),
+        table.column("sum").to_pylist(),
+        table.column("sum_sq").to_pylist(),
+        strict=True,
+    ):
+        total_a, squares_a = np.asarray(total, dtype=np.float64), np.asarray(squares, np.float64)
+        if count == 0:
+            means.append(np.full_like(total_a, np.nan).tolist())
+            m2s.append(np.zeros_like(total_a).tolist())
+            continue
+        m2 = np.zeros_like(total_a) if count == 1 else squares_a - total_a * total_a / count
+        means.append((total_a / count).tolist())
+        m2s.append(np.clip(m2, 0.0, None).tolist())
+    columns = {n: table.column(n) for n in ("config", "probe", "step", "chunk", "count")}
+    columns["mean"] = pa.array(means, pa.list_(pa.float64()))
+    columns["m2"] = pa.array(m2s, pa.list_(pa.float64()))
+    return pa.table(columns, schema=SCHEMAS["moments"])
 
 
 def _split(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -197,12 +255,17 @@ class Store:
             i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
         )
 
+    def read_part(self, table: str, path: str) -> pa.Table:
+        """One part of ``table`` in the current schema (version-1 moments are converted)."""
+        if table == "moments" and "sum_sq" in pq.read_schema(path, filesystem=self.fs).names:
+            return moments_from_v1(pq.read_table(path, filesystem=self.fs, schema=MOMENTS_V1))
+        return pq.read_table(path, filesystem=self.fs, schema=SCHEMAS[table])
+
     def read(self, table: str) -> pd.DataFrame:
         paths = self.parts(table)
         if not paths:
             return SCHEMAS[table].empty_table().to_pandas()
-        tables = [pq.read_table(p, filesystem=self.fs, schema=SCHEMAS[table]) for p in paths]
-        return pa.concat_tables(tables).to_pandas()
+        return pa.concat_tables([self.read_part(table, p) for p in paths]).to_pandas()
 
     # -- manifest -----------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
@@ -235,10 +298,10 @@ def load(path: str) -> StudyTables:
     manifest = store.read_manifest()
     if manifest is None:
         raise ValueError(f"path={path!r} holds no noisemem study (no manifest.json)")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise ValueError(
-            f"path={path!r}: schema version {manifest.get('schema_version')} is not "
-            f"{SCHEMA_VERSION}, the one this noisemem reads"
+            f"path={path!r}: schema version {manifest.get('schema_version')} is not one this "
+            f"noisemem reads ({', '.join(map(str, READABLE_SCHEMA_VERSIONS))})"
         )
     frames = {t: store.read(t) for t in TABLES}
     return StudyTables(manifest=manifest, **complete_rows(frames))
@@ -264,17 +327,28 @@ def complete_rows(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 def merged_moments(moments: pd.DataFrame) -> pd.DataFrame:
     """E[M] and its per-coordinate standard error per (config, probe, step), merged over
-    chunks from the sufficient statistics (count, sum, sum of squares)."""
+    chunks (in chunk order) from each part's count, mean and M2 with Chan et al.'s pairwise
+    formula (:func:`noisemem.stats.chan_merge`): ``stderr = sqrt(M2 / (count - 1) / count)``,
+    NaN when count < 2; ``mean`` is NaN when count is 0."""
     import numpy as np
     import pandas as pd
 
+    from noisemem.stats import chan_merge
+
     rows = []
     for (config, probe, step), group in moments.groupby(["config", "probe", "step"], sort=True):
-        count = int(group["count"].sum())
-        total = np.sum(np.stack(group["sum"].to_numpy()), axis=0)
-        squares = np.sum(np.stack(group["sum_sq"].to_numpy()), axis=0)
-        mean = total / count
-        var = np.clip((squares - total * total / count) / max(count - 1, 1), 0.0, None)
+        count, mean, m2 = 0, None, None
+        for part in group.sort_values("chunk").itertuples(index=False):
+            mean_p = np.asarray(part.mean, dtype=np.float64)
+            m2_p = np.asarray(part.m2, dtype=np.float64)
+            if mean is None:
+                count, mean, m2 = int(part.count), mean_p, m2_p
+            else:
+                count, mean, m2 = chan_merge(count, mean, m2, int(part.count), mean_p, m2_p)
+        assert mean is not None and m2 is not None
+        if count == 0:
+            mean = np.full_like(mean, np.nan)
+        stderr = np.sqrt(m2 / (count - 1) / count) if count >= 2 else np.full_like(m2, np.nan)
         rows.append(
             {
                 "config": config,
@@ -282,7 +356,7 @@ def merged_moments(moments: pd.DataFrame) -> pd.DataFrame:
                 "step": int(step),
                 "count": count,
                 "mean": mean,
-                "stderr": np.sqrt(var / count),
+                "stderr": stderr,
             }
         )
     return pd.DataFrame(rows, columns=["config", "probe", "step", "count", "mean", "stderr"])

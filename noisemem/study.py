@@ -280,8 +280,8 @@ def run_chunk(
                 "step": n,
                 "chunk": chunk,
                 "count": acc.count,
-                "sum": acc.total.tolist(),
-                "sum_sq": acc.squares.tolist(),
+                "mean": acc.mean.tolist(),
+                "m2": acc.m2.tolist(),
             }
         )
 

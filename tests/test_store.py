@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from noisemem.store import SCHEMA_VERSION, Store, load, merged_moments
+from noisemem.store import MOMENTS_V1, SCHEMA_VERSION, SCHEMAS, Store, load, merged_moments
 
 
 def runs_rows(config: str, chunk: int, perms: list[int], status: str = "ok") -> list[dict]:
@@ -17,6 +19,21 @@ def runs_rows(config: str, chunk: int, perms: list[int], status: str = "ok") -> 
 
 def moments_row(config: str, chunk: int, vectors: list[np.ndarray]) -> dict:
     v = np.stack(vectors)
+    mean = v.mean(0)
+    return {
+        "config": config,
+        "probe": "init",
+        "step": 3,
+        "chunk": chunk,
+        "count": len(vectors),
+        "mean": mean.tolist(),
+        "m2": ((v - mean) ** 2).sum(0).tolist(),
+    }
+
+
+def moments_row_v1(config: str, chunk: int, vectors: list[np.ndarray]) -> dict:
+    """A ``moments`` row as schema version 1 stored it: count, sum, sum of squares."""
+    v = np.stack(vectors)
     return {
         "config": config,
         "probe": "init",
@@ -26,6 +43,13 @@ def moments_row(config: str, chunk: int, vectors: list[np.ndarray]) -> dict:
         "sum": v.sum(0).tolist(),
         "sum_sq": (v * v).sum(0).tolist(),
     }
+
+
+def write_v1_moments(store: Store, config: str, chunk: int, rows: list[dict]) -> None:
+    """What noisemem with schema version 1 wrote (same path, version-1 columns)."""
+    path = store.path(*store.part_name("moments", config, chunk))
+    store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=MOMENTS_V1), path, filesystem=store.fs)
 
 
 @pytest.fixture
@@ -65,6 +89,66 @@ def test_load_keeps_only_rows_of_finished_chunks_and_merges_moments(store):
     assert merged.count == 4
     assert np.allclose(merged.mean, x.mean(0), rtol=1e-14)
     assert np.allclose(merged.stderr, x.std(0, ddof=1) / 2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("relative_spread", [1e-6, 1e-9])
+def test_merged_stderr_is_accurate_when_the_spread_is_tiny_against_the_mean(store, relative_spread):
+    # nearly identical corrections around a large mean, in 3 chunks of 4: the version-1
+    # merge (sum, sum of squares) gave stderrs between 0 and 36x the true one here
+    rng = np.random.default_rng(0)
+    center = rng.uniform(1e2, 1e4, size=5)
+    x = center + relative_spread * center * rng.normal(size=(12, 5))
+    for chunk in range(3):
+        store.write_part("runs", "c0", chunk, runs_rows("c0", chunk, [0, 1, 2, 3]))
+        vectors = list(x[4 * chunk : 4 * chunk + 4])
+        store.write_part("moments", "c0", chunk, [moments_row("c0", chunk, vectors)])
+    (merged,) = merged_moments(load(store.uri).moments).itertuples(index=False)
+    reference = x.std(0, ddof=1) / np.sqrt(12)
+    assert merged.count == 12
+    assert np.allclose(merged.mean, x.mean(0), rtol=1e-13)
+    assert np.allclose(merged.stderr, reference, rtol=1e-12 + 100 * 2.2e-16 / relative_spread)
+
+
+def write_moments(store: Store, chunk: int, vectors: list[np.ndarray], version: int) -> None:
+    """Chunk ``chunk``'s moments of ``vectors`` (5-vectors; none: every run diverged) as
+    noisemem with schema ``version`` wrote them."""
+    v = np.stack(vectors) if vectors else np.zeros((0, 5))
+    if version == 1:
+        row = {**moments_row_v1("c0", chunk, [np.zeros(5)]), "count": len(v)}
+        write_v1_moments(store, "c0", chunk, [{**row, "sum": v.sum(0), "sum_sq": (v * v).sum(0)}])
+        return
+    mean = v.mean(0) if len(v) else np.full(5, np.nan)  # Moments.empty's mean is NaN
+    m2 = ((v - mean) ** 2).sum(0) if len(v) else np.zeros(5)
+    row = {**moments_row("c0", chunk, [np.zeros(5)]), "count": len(v), "mean": mean, "m2": m2}
+    store.write_part("moments", "c0", chunk, [row])
+
+
+def test_a_version_1_store_loads_with_the_same_merged_moments(tmp_path):
+    rng = np.random.default_rng(2)
+    vecs = [rng.normal(size=5) + 3.0 for _ in range(7)]
+    chunks = [vecs[:3], vecs[3:4], vecs[4:], []]  # chunk 3: every run diverged
+    # the moments part's schema version per chunk; "mixed": a version-1 store resumed by
+    # this noisemem, whose chunks 2 and 3 were computed after the upgrade
+    versions = {"v1": [1, 1, 1, 1], "v2": [2, 2, 2, 2], "mixed": [1, 1, 2, 2]}
+    x = np.stack(vecs)
+    for name, per_chunk in versions.items():
+        store = Store(str(tmp_path / name))
+        store.write_manifest({"schema_version": per_chunk[0], "study": "s", "permutations": 7})
+        for chunk, (part, version) in enumerate(zip(chunks, per_chunk, strict=True)):
+            store.write_part("runs", "c0", chunk, runs_rows("c0", chunk, [chunk]))
+            write_moments(store, chunk, part, version)
+        moments = load(store.uri).moments
+        assert list(moments.columns) == list(SCHEMAS["moments"].names), name
+        (merged,) = merged_moments(moments).itertuples(index=False)
+        assert merged.count == 7, name
+        assert np.allclose(merged.mean, x.mean(0), rtol=1e-13), name
+        assert np.allclose(merged.stderr, x.std(0, ddof=1) / np.sqrt(7), rtol=1e-10), name
+
+
+def test_load_refuses_an_unknown_schema_version(store):
+    store.write_manifest({"schema_version": 99, "study": "s"})
+    with pytest.raises(ValueError, match="schema version 99 is not one this noisemem reads"):
+        load(store.uri)
 
 
 def test_unreadable_runs_part_counts_as_not_done(store):
