@@ -208,10 +208,17 @@ class Store:
     def _atomic_bytes(self, data: bytes, *parts: str) -> None:
         final = self.path(*parts)
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, final)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"  # not *.parquet: readers never list it
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, final)  # a rename: readers see the old part or the new one
+        except BaseException:
+            try:  # best effort; a file left by a killed process is ignored by readers
+                self.fs.delete_file(tmp)
+            except (OSError, pa.ArrowException):
+                pass
+            raise
 
     def write_text(self, text: str, *parts: str) -> None:
         self._atomic_bytes(text.encode(), *parts)

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pyarrow import fs as pafs
 
 from noisemem.store import MOMENTS_V1, SCHEMA_VERSION, SCHEMAS, Store, load, merged_moments
 
@@ -52,6 +53,12 @@ def write_v1_moments(store: Store, config: str, chunk: int, rows: list[dict]) ->
     pq.write_table(pa.Table.from_pylist(rows, schema=MOMENTS_V1), path, filesystem=store.fs)
 
 
+def all_files(store: Store) -> list[str]:
+    """Every file under the study directory, whatever its name."""
+    infos = store.fs.get_file_info(pafs.FileSelector(store.root, recursive=True))
+    return sorted(i.path.removeprefix(store.root + "/") for i in infos if i.is_file)
+
+
 @pytest.fixture
 def store(tmp_path) -> Store:
     s = Store(str(tmp_path / "study"))
@@ -65,8 +72,84 @@ def test_rewriting_a_part_replaces_it_and_leaves_no_temporary_files(store):
     store.write_part("runs", "c0", 0, runs_rows("c0", 0, [0, 1]))
     store.write_part("runs", "c0", 0, runs_rows("c0", 0, [0, 1]))
     assert len(store.read("runs")) == 2
-    files = [p for p in store.parts("runs")]
-    assert len(files) == 1 and not any(".tmp-" in f for f in files)
+    assert all_files(store) == ["manifest.json", "runs/c0/chunk-00000.parquet"]
+
+
+class CrashingStream:
+    """An output stream that writes half of what it is given, then fails (a disk full, a
+    killed process): what a reader would see of a part written in place."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+
+    def write(self, data) -> None:
+        data = bytes(data)
+        self.stream.write(data[: len(data) // 2])
+        self.stream.flush()
+        raise OSError("simulated crash mid-write")
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class CrashingFileSystem:
+    """The store's filesystem, except that every file opened for writing crashes midway."""
+
+    def __init__(self, fs: pafs.FileSystem) -> None:
+        self.fs = fs
+        self.opened: list[str] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path: str, *args, **kwargs) -> CrashingStream:
+        self.opened.append(path)
+        return CrashingStream(self.fs.open_output_stream(path, *args, **kwargs))
+
+
+def test_a_write_that_crashes_midway_leaves_the_previous_part_or_none(store, monkeypatch):
+    store.write_part("runs", "c0", 0, runs_rows("c0", 0, [0, 1]))
+    store.write_part("moments", "c0", 0, [moments_row("c0", 0, [np.ones(3), np.zeros(3)])])
+    before = all_files(store)
+    crashing = CrashingFileSystem(store.fs)
+    with monkeypatch.context() as m:
+        m.setattr(store, "fs", crashing)
+        with pytest.raises(OSError, match="simulated crash"):  # a retry rewriting chunk 0
+            store.write_part("runs", "c0", 0, runs_rows("c0", 0, [0, 1], status="failed"))
+        with pytest.raises(OSError, match="simulated crash"):  # chunk 1's first write
+            store.write_part("runs", "c0", 1, runs_rows("c0", 1, [2, 3]))
+    # the writer did open a file (half of a part went somewhere) ...
+    assert len(crashing.opened) == 2
+    # ... but not the part itself: readers and resume see chunk 0 as it was, no chunk 1, and
+    # the temporary files are gone
+    assert all_files(store) == before
+    assert store.chunk_done("c0", 0) and not store.chunk_done("c0", 1)
+    tables = load(store.uri)
+    assert sorted(tables.runs["permutation"]) == [0, 1]
+    assert set(tables.runs["status"]) == {"ok"} and len(tables.moments) == 1
+
+
+def test_a_temporary_file_left_by_a_killed_writer_is_never_read(store):
+    store.write_part("runs", "c0", 0, runs_rows("c0", 0, [0, 1]))
+    final = store.path(*store.part_name("runs", "c0", 1))
+    # a process killed between writing its temporary file and the rename leaves this behind
+    store.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+    table = pa.Table.from_pylist(
+        runs_rows("c0", 1, [2, 3]),
+        schema=pq.read_schema(store.path(*store.part_name("runs", "c0", 0)), filesystem=store.fs),
+    )
+    with store.fs.open_output_stream(final + ".tmp-deadbeef") as out:
+        pq.write_table(table, out)
+    assert "runs/c0/chunk-00001.parquet.tmp-deadbeef" in all_files(store)
+    assert store.parts("runs") == [store.path(*store.part_name("runs", "c0", 0))]
+    assert not store.chunk_done("c0", 1)
+    assert sorted(load(store.uri).runs["permutation"]) == [0, 1]
 
 
 def test_load_keeps_only_rows_of_finished_chunks_and_merges_moments(store):
