@@ -37,7 +37,8 @@ Example (``jobs/studies/*.toml`` has complete ones)::
 
     [record]
     steps = true               # per-step loss, accuracy, gradient norm
-    memoryless = false         # l_inf distances to the memoryless runs (costly)
+    memoryless = false         # l_inf distances to the memoryless runs (costly; needs
+                               # steps = true and sampling permute or replacement)
     vectors = false            # full correction vectors of every run
 
     [runtime]
@@ -68,6 +69,8 @@ BUILTIN_MODELS = ("gelu_mlp", "cnn", "softmax")
 NORMALIZE = ("unit", "standardize", "none")
 GPU_MODES = ("auto", "never", "always")
 DTYPES = ("float32", "float64")
+#: samplings with a fixed list of batches, which the memoryless trajectories need
+MEMORYLESS_SAMPLINGS = tuple(s for s in SAMPLINGS if s != "reshuffle")
 
 
 class SpecError(ValueError):
@@ -97,6 +100,12 @@ def _int(path: str, value: Any, low: int, high: float = math.inf) -> int:
 def _bool(path: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _fail(path, value, "it must be true or false")
+    return value
+
+
+def _name(path: str, value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(path, value, f"it must be a non-empty string ({what})")
     return value
 
 
@@ -136,8 +145,10 @@ class DataSpec:
             source=source,
             limit=_int("data.limit", raw.get("limit", 0), 0),
             normalize=_choice("data.normalize", raw.get("normalize", "unit"), NORMALIZE),
-            label_column=str(raw.get("label_column", "label")),
-            split=str(raw.get("split", "train")),
+            label_column=_name(
+                "data.label_column", raw.get("label_column", "label"), "the label column's name"
+            ),
+            split=_name("data.split", raw.get("split", "train"), "a split name such as 'train'"),
         )
 
 
@@ -322,7 +333,7 @@ class StudySpec:
         for section in sections:
             if section != "optimizers" and not isinstance(raw.get(section, {}), Mapping):
                 raise _fail(section, raw.get(section), f"[{section}] must be a table")
-        return cls(
+        spec = cls(
             name=name,
             output=output,
             seed=_int("seed", raw.get("seed", 0), 0, SEED_LIMIT - 1),
@@ -335,6 +346,27 @@ class StudySpec:
             runtime=RuntimeSpec.parse(raw.get("runtime", {})),
             raw=dict(raw),
         )
+        spec.check_combinations()
+        return spec
+
+    def check_combinations(self) -> None:
+        """Fields that are each allowed but cannot be honoured together (run by
+        :meth:`from_dict`; again by a study's context, for specs made another way)."""
+        if not self.record.memoryless:
+            return
+        if self.training.sampling not in MEMORYLESS_SAMPLINGS:
+            raise SpecError(
+                f"record.memoryless=true is not available with training.sampling="
+                f"{self.training.sampling!r}: the memoryless trajectories follow a fixed list of "
+                f"batches; use training.sampling = {' or '.join(map(repr, MEMORYLESS_SAMPLINGS))}"
+                ", or record.memoryless = false"
+            )
+        if not self.record.steps:
+            raise SpecError(
+                "record.memoryless=true needs record.steps=true: the l_inf distances to the "
+                "memoryless runs are columns of the steps table; set record.steps = true, or "
+                "record.memoryless = false"
+            )
 
     @classmethod
     def from_toml(cls, path: str | Path) -> StudySpec:
@@ -356,12 +388,6 @@ class StudySpec:
             )
         if self.training.sampling == "permute" and num_samples // b < 1:
             raise _fail("training.batch_size", b, "the data must hold at least one batch")
-        if (
-            self.probes.epoch_end
-            and self.record.memoryless
-            and self.training.sampling == "reshuffle"
-        ):
-            raise SpecError("record.memoryless is not available with training.sampling='reshuffle'")
 
     @property
     def num_chunks(self) -> int:

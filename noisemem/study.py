@@ -89,6 +89,7 @@ class Context:
     def build(
         cls, spec: StudySpec, x: Tensor, y: Tensor, info: DataInfo, device: str = "cpu"
     ) -> Context:
+        spec.check_combinations()  # from_dict did; a spec made by dataclasses.replace may not
         dtype = torch.float64 if spec.runtime.dtype == "float64" else torch.float32
         model = initial_parameters(spec_model(spec, info), spec.seed).to(device=device, dtype=dtype)
         x, y = x.to(device=device, dtype=dtype), y.to(device)
@@ -319,7 +320,7 @@ def run_chunk(
             add_moments("epoch", n, acc)
 
     linf: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if spec.record.memoryless and spec.training.sampling != "reshuffle":
+    if spec.record.memoryless:  # the spec allows it only with fixed batches (not reshuffle)
         for j, (p, run) in enumerate(zip(indices, runs, strict=True)):
             if ens.diverged_at[j] is None:
                 tr = trajectories(ctx.model, ctx.problem.loss_fn, ctx.problem, opt, run.sequence)

@@ -66,6 +66,9 @@ BAD = [
     ("training.epochs", 1.5, "training.epochs=1.5", "integer"),
     ("runtime.gpu", "maybe", "runtime.gpu='maybe'", "auto"),
     ("probes.reference_steps", [0], "probes.reference_steps[0]=0", ">= 1"),
+    ("data.label_column", 5, "data.label_column=5", "non-empty string"),
+    ("data.label_column", "", "data.label_column=''", "non-empty string"),
+    ("data.split", ["a"], "data.split=['a']", "non-empty string"),
     ("surprise", 1, "unknown field 'surprise'", "allowed fields"),
     (
         "optimizers",
@@ -107,6 +110,28 @@ def test_digest_ignores_where_and_how_many_but_not_the_dtype():
     d = StudySpec.from_dict({**BASE, "runtime": {"dtype": "float64"}})
     assert a.digest == b.digest != c.digest
     assert d.digest != a.digest
+
+
+@pytest.mark.parametrize("epoch_end", [False, True])
+def test_memoryless_with_reshuffle_is_refused_on_load(epoch_end):
+    # it was refused only with epoch_end (after the data had loaded) and ignored otherwise
+    raw = with_("training.sampling", "reshuffle")
+    raw.update(record={"memoryless": True}, probes={"init": True, "epoch_end": epoch_end})
+    with pytest.raises(SpecError) as err:
+        StudySpec.from_dict(raw)
+    message = str(err.value)
+    assert "record.memoryless=true" in message and "training.sampling='reshuffle'" in message
+    assert "'permute' or 'replacement'" in message and "record.memoryless = false" in message
+
+
+def test_memoryless_without_steps_is_refused_on_load():
+    # the l_inf distances are columns of the steps table: they were computed, then dropped
+    raw = {**BASE, "record": {"memoryless": True, "steps": False}}
+    with pytest.raises(SpecError, match=r"record.memoryless=true needs record.steps=true"):
+        StudySpec.from_dict(raw)
+    for sampling in ("permute", "replacement"):
+        raw = {**with_("training.sampling", sampling), "record": {"memoryless": True}}
+        assert StudySpec.from_dict(raw).record.memoryless
 
 
 def test_relative_output_is_made_absolute():
