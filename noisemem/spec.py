@@ -398,11 +398,13 @@ class StudySpec:
         return range(chunk * c, min((chunk + 1) * c, self.training.permutations))
 
     def to_toml_dict(self) -> dict[str, Any]:
-        """The resolved spec (what ``study.toml`` in the store holds), as plain data."""
+        """The resolved spec (what ``study.toml`` in the store holds), as plain data. The
+        optimizers stay as written (grids), since their spelling names the config ids."""
         out = dict(self.raw)
         out["output"] = self.output
         out["seed"] = self.seed
         out["data"] = dataclasses.asdict(self.data)
+        out["model"] = {**dataclasses.asdict(self.model), "kwargs": dict(self.model.kwargs)}
         out["training"] = dataclasses.asdict(self.training)
         out["probes"] = {**dataclasses.asdict(self.probes)}
         out["probes"]["reference_steps"] = list(self.probes.reference_steps)
@@ -410,11 +412,68 @@ class StudySpec:
         out["runtime"] = dataclasses.asdict(self.runtime)
         return out
 
+    def resolved(self) -> dict[str, Any]:
+        """Everything that determines the results, resolved: defaults filled in, optimizer
+        grids expanded into configs (id and every hyperparameter), the dtype; not where the
+        results are written nor how many actors, CPUs or GPUs compute them."""
+        d = self.to_toml_dict()
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "data": d["data"],
+            "model": d["model"],
+            "configs": [{"id": c.id, **c.hyperparameters} for c in self.configs],
+            "training": d["training"],
+            "probes": d["probes"],
+            "record": d["record"],
+            "dtype": self.runtime.dtype,
+        }
+
     @property
     def digest(self) -> str:
-        """A hash of everything that determines the results (not where they are written or
-        how many actors, CPUs or GPUs compute them; the dtype does count)."""
+        """A hash of :meth:`resolved`: equivalent specs (a default written out or left out,
+        ``beta = 0.9`` or ``beta = [0.9]``) have the same digest. Config ids are part of it:
+        they name the store's parts, so specs whose ids differ (the same grid keys in
+        another order) are different studies to the store."""
+        return _hash(self.resolved())
+
+    @property
+    def legacy_digest(self) -> str:
+        """The digest noisemem wrote before the resolved one (schema version 1 stores): a
+        hash of the ``model`` and ``optimizers`` sections as written, with the rest resolved.
+        Only :meth:`same_study` uses it, to recognise such stores."""
         d = self.to_toml_dict()
         d.pop("output", None)
+        if "model" in self.raw:
+            d["model"] = self.raw["model"]
+        else:
+            d.pop("model")
         d["runtime"] = {"dtype": self.runtime.dtype}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return _hash(d)
+
+    def same_study(self, stored_digest: str | None, stored_toml: str | None = None) -> bool:
+        """Whether a store whose manifest holds ``stored_digest`` (and whose ``study.toml``
+        holds ``stored_toml``) holds this study, so that it may be resumed.
+
+        True when the digests are equal. A store written before digests were resolved holds
+        a :attr:`legacy_digest`, which equivalent specs may not share; then its
+        ``study.toml`` decides: when that file is the spec the stored digest was made of
+        (its own digest, either scheme, equals ``stored_digest``) and it resolves to this
+        spec's :attr:`digest`, the study is the same. Anything unreadable counts as
+        different (the caller refuses to resume rather than mixing two studies' rows).
+        """
+        if stored_digest == self.digest:
+            return True
+        if stored_digest is None or stored_toml is None:
+            return False
+        try:
+            stored = StudySpec.from_dict(tomllib.loads(stored_toml))
+        except (SpecError, tomllib.TOMLDecodeError):
+            return False
+        if stored_digest not in (stored.digest, stored.legacy_digest):
+            return False
+        return stored.digest == self.digest
+
+
+def _hash(d: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

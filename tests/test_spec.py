@@ -134,6 +134,98 @@ def test_memoryless_without_steps_is_refused_on_load():
         assert StudySpec.from_dict(raw).record.memoryless
 
 
+def test_equivalent_specs_have_the_same_digest(tmp_path):
+    import tomli_w
+
+    a = StudySpec.from_dict(with_("model.hidden", 128))
+    default_hidden = copy.deepcopy(BASE)
+    del default_hidden["model"]["hidden"]  # 128 is the default
+    scalar_grid = with_("model.hidden", 128)
+    scalar_grid["optimizers"][0]["lr"] = [0.1]
+    written_defaults = with_("model.hidden", 128)
+    written_defaults["model"]["kwargs"] = {}
+    written_defaults["runtime"] = {"dtype": "float32", "gpu": "never"}
+    written_defaults["probes"] = {"init": True}
+    for raw in (default_hidden, scalar_grid, written_defaults):
+        b = StudySpec.from_dict(raw)
+        assert b.model == a.model and b.configs == a.configs
+        assert b.digest == a.digest
+    # the store's study.toml (the resolved spec) reloads to the same digest
+    stored = tmp_path / "study.toml"
+    stored.write_text(tomli_w.dumps(a.to_toml_dict()))
+    assert StudySpec.from_toml(stored).digest == a.digest
+    # config ids name the store's parts: the same grid keys in another order differ
+    reordered = with_("model.hidden", 128)
+    reordered["optimizers"][0] = {"kind": "HeavyBall", "beta": [0.5, 0.9], "lr": 0.1}
+    assert StudySpec.from_dict(reordered).digest != a.digest
+
+
+#: BASE's study.toml and spec digest as noisemem wrote them before digests were resolved
+LEGACY_DIGEST = "c89bff8910251660"
+LEGACY_STUDY_TOML = """
+name = "t"
+output = "/tmp/noisemem-test-spec"
+seed = 0
+[data]
+source = "digits"
+limit = 0
+normalize = "unit"
+label_column = "label"
+split = "train"
+[model]
+kind = "gelu_mlp"
+hidden = 8
+[[optimizers]]
+kind = "HeavyBall"
+lr = 0.1
+beta = [0.5, 0.9]
+[[optimizers]]
+kind = "AdamW"
+lr = 0.001
+beta1 = 0.9
+beta2 = [0.99, 0.999]
+eps = 1e-08
+[training]
+batch_size = 32
+epochs = 2
+sampling = "permute"
+permutations = 10
+chunk_size = 4
+[probes]
+init = true
+epoch_end = false
+reference_steps = []
+[record]
+steps = true
+memoryless = false
+vectors = false
+[runtime]
+actors = 0
+cpus_per_actor = 1
+gpu = "auto"
+dtype = "float32"
+"""
+
+
+def test_a_store_with_a_legacy_digest_holds_the_same_study_when_its_spec_resolves_equal():
+    base = StudySpec.from_dict(BASE)
+    assert base.legacy_digest == LEGACY_DIGEST and base.digest != LEGACY_DIGEST
+    equivalent = with_("optimizers.0.lr", [0.1])  # the old digest hashed this as written
+    spec = StudySpec.from_dict(equivalent)
+    assert spec.legacy_digest != LEGACY_DIGEST
+    assert base.same_study(LEGACY_DIGEST, LEGACY_STUDY_TOML)
+    assert spec.same_study(LEGACY_DIGEST, LEGACY_STUDY_TOML)
+    assert spec.same_study(spec.digest)  # a store written by this noisemem
+    # another study, a study.toml that is not what the digest was made of, or none: refused
+    other = StudySpec.from_dict(with_("training.epochs", 3))
+    assert not other.same_study(LEGACY_DIGEST, LEGACY_STUDY_TOML)
+    tampered = LEGACY_STUDY_TOML.replace("epochs = 2", "epochs = 3")
+    assert not other.same_study(LEGACY_DIGEST, tampered)
+    assert not spec.same_study(LEGACY_DIGEST, None)
+    assert not spec.same_study(LEGACY_DIGEST, "name = [unclosed")
+    assert not spec.same_study(None, LEGACY_STUDY_TOML)
+
+
 def test_relative_output_is_made_absolute():
     spec = StudySpec.from_dict(with_("output", "out/rel"))
     assert Path(spec.output).is_absolute() and spec.output.endswith("out/rel")
