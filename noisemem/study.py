@@ -195,7 +195,8 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
 
     steps = ctx.steps
     losses = torch.empty(steps, P, dtype=theta.dtype, device=theta.device)
-    accs, norms = torch.empty_like(losses), torch.empty_like(losses)
+    accs = torch.empty_like(losses)
+    norms = torch.empty(steps, P, dtype=torch.float64, device=theta.device)
     batch_idx = np.zeros((steps, P), dtype=np.int64)
     finite = torch.empty(steps, P, dtype=torch.bool, device=theta.device)
     epoch_thetas = []
@@ -213,7 +214,9 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
         else:
             xj, yj = X_all[order[j]], Y_all[order[j]]
         g, (loss, acc) = step_fn(theta, xj, yj)
-        losses[j], accs[j], norms[j] = loss, acc, g.norm(dim=1)
+        # in float64: a float32 norm overflows while g is finite (and would flag divergence)
+        grad_norm = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)
+        losses[j], accs[j], norms[j] = loss, acc, grad_norm
         F, state = optimizer.update(g, state, theta)
         theta = theta - optimizer.lr * F
         # the gradient norm is not finite once theta^(j) or its gradient is not (cheaper
@@ -237,6 +240,10 @@ def _cos(a: Tensor, b: Tensor) -> float:
 
 
 def _comparison(M: Tensor, full_batch: Tensor, noise: Tensor) -> dict[str, float]:
+    """|M|, l_inf, and M against the full-batch prediction and the noise direction. In
+    float64 whatever the study's dtype: a float32 M of entries ~1e19 is finite but its norm
+    (a sum of squares) is not."""
+    M, full_batch, noise = M.double(), full_batch.double(), noise.double()
     fb = float(full_batch.norm())
     return {
         "norm": float(M.norm()),
@@ -414,7 +421,7 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
                 "probe": probe,
                 "step": -1 if n is None else n,
                 "kind": kind,
-                "norm": float(v.norm()),
+                "norm": float(v.double().norm()),
                 "coefficients": json.dumps(coef),
                 "vector": v.double().cpu().tolist(),
             }

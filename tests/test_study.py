@@ -129,6 +129,28 @@ def test_divergent_runs_are_recorded_not_crashed(data):
     assert all(r["count"] == 0 for r in rows["moments"] if r["probe"] == "epoch")
 
 
+def test_summaries_of_a_finite_float32_correction_are_finite(data):
+    # lr = 1e20 in float32: M at the initialisation has entries ~7e18, finite, but a float32
+    # sum of their squares overflows, which made the corrections' norm inf
+    raw = dict(small_spec().raw)
+    raw["optimizers"] = [{"kind": "HeavyBall", "lr": 1e20, "beta": 0.9}]
+    raw["training"] = {"batch_size": 32, "epochs": 1, "permutations": 2, "chunk_size": 2}
+    raw["probes"] = {"init": True}
+    raw["record"] = {"vectors": True}
+    raw["runtime"] = {"dtype": "float32"}
+    spec = StudySpec.from_dict(raw)
+    ctx = context(spec, data)
+    rows = run_chunk(ctx, spec.configs[0], chunk=0)
+    assert {r["probe"] for r in rows["corrections"]} == {"init"}
+    for r in rows["corrections"]:
+        M = np.asarray(r["vector"])
+        assert np.isfinite(M).all() and np.abs(M).max() > 1e18
+        assert r["norm"] == pytest.approx(np.linalg.norm(M), rel=1e-6)
+        assert np.isfinite([r["full_batch_norm"], r["proj_full_batch"], r["cos_noise"]]).all()
+    first = [r["grad_norm"] for r in rows["steps"] if r["step"] == 1]
+    assert np.isfinite(first).all() and min(first) > 1e18  # finite g^(1), its norm too
+
+
 def test_predictions_match_the_engine(data):
     spec = small_spec()
     ctx = context(spec, data)
