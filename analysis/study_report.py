@@ -65,8 +65,9 @@ def comparison_table(tables: StudyTables) -> pd.DataFrame:
 
 
 def epoch_summary(tables: StudyTables) -> pd.DataFrame:
-    """Per (config, epoch-end step): mean cosine of each run's M with its full-batch
-    prediction and with the noise direction, and the final batch loss."""
+    """Per (config, epoch-end step): the number of runs with a correction there, their mean
+    |M|, and the mean cosine of each run's M with its full-batch prediction and with the
+    noise direction (both at the run's own parameters)."""
     c = tables.corrections
     c = c[c["probe"] == "epoch"]
     if c.empty:
