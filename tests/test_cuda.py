@@ -94,7 +94,8 @@ def study_outputs(device: str) -> dict[str, Tensor]:
             values = [row[c] for c in NUMERIC_COLUMNS]
             out[f"study/{ci}/corrections/{r}"] = torch.tensor(values, dtype=torch.float64)
         for r, row in enumerate(tables["moments"]):
-            out[f"study/{ci}/moments/{r}"] = torch.tensor(row["sum"], dtype=torch.float64)
+            out[f"study/{ci}/moments/{r}/mean"] = torch.tensor(row["mean"], dtype=torch.float64)
+            out[f"study/{ci}/moments/{r}/m2"] = torch.tensor(row["m2"], dtype=torch.float64)
         for r, row in enumerate(predictions(ctx, config)):
             out[f"study/{ci}/predictions/{r}"] = torch.tensor(row["vector"], dtype=torch.float64)
     return out
