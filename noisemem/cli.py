@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from noisemem.spec import SpecError, StudySpec
+from noisemem.spec import GPU_MODES, SpecError, StudySpec
 
 
 def comparison(path: str) -> str:
@@ -18,34 +18,66 @@ def comparison(path: str) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def with_overrides(
+    spec: StudySpec, spec_path: str, output: str | None, gpu: str | None
+) -> StudySpec:
+    """The spec with ``--output`` / ``--gpu`` applied, validated and resolved as the spec file
+    itself is: a relative output becomes absolute here (actors run in other working
+    directories, where it would name another place), a URI stays as it is."""
+    if output is None and gpu is None:
+        return spec
+    raw = dict(spec.raw)
+    if output is not None:
+        raw["output"] = output
+    if gpu is not None:
+        raw["runtime"] = {**raw.get("runtime", {}), "gpu": gpu}
+    return StudySpec.from_dict(raw, base=Path(spec_path).parent)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="noisemem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a study spec (TOML) on the current Ray cluster")
     run.add_argument("spec")
-    run.add_argument("--actors", type=int, default=None, help="override runtime.actors")
-    run.add_argument("--output", default=None, help="override the spec's output location")
+    run.add_argument(
+        "--actors", type=int, default=None, help="override runtime.actors (0: one per CPU/GPU)"
+    )
+    run.add_argument(
+        "--output",
+        default=None,
+        help="override the spec's output location (a path, made absolute here, or a URI); "
+        "on a multi-node cluster it must be storage every node shares, e.g. s3://bucket/study",
+    )
+    run.add_argument(
+        "--gpu", choices=GPU_MODES, default=None, help="override runtime.gpu (auto|never|always)"
+    )
     run.add_argument("--report-dir", default="out/reports", help="where report.md goes")
     status = sub.add_parser("status", help="what a study store holds")
     status.add_argument("path")
     show = sub.add_parser("show", help="print a study's comparison table")
     show.add_argument("path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from noisemem.runtime import launch
+        from noisemem.runtime import IncompleteStoreError, StudyActorError, launch
 
         try:
             spec = StudySpec.from_toml(args.spec)
-            if args.output:
-                import dataclasses
-
-                spec = dataclasses.replace(spec, output=args.output)
+            spec = with_overrides(spec, args.spec, args.output, args.gpu)
             handle = launch(spec, actors=args.actors)
         except (SpecError, ValueError) as err:
             print(f"noisemem: {err}", file=sys.stderr)
             return 2
-        path = handle.wait()
+        try:
+            path = handle.wait()
+        except (IncompleteStoreError, StudyActorError) as err:
+            print(f"noisemem: {err}", file=sys.stderr)
+            return 1
         print(comparison(path))
         from analysis.study_report import write_report
         from noisemem.store import load

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from noisemem import runtime
 from noisemem.runtime import launch
 from noisemem.spec import SpecError, StudySpec
-from noisemem.store import SCHEMAS, Store, load
+from noisemem.store import SCHEMA_VERSION, SCHEMAS, Store, load
 
 TIMING = ["seconds", "worker"]
 
@@ -145,34 +147,47 @@ def test_bad_model_fails_before_any_actor_starts(ray_local, tmp_path, monkeypatc
 
 
 class FakeRef:
-    def __init__(self, item, outcome):
-        self.item, self.outcome = item, outcome
+    def __init__(self, outcome):
+        self.outcome = outcome
 
 
 class FakeActor:
-    """Records the chunks it is asked for; outcomes come from a shared script."""
+    """Takes one outcome per call from a shared script, in submission order: an exception
+    (what ``ray.get`` raises) or "ok", on which it writes the item's part like a real actor
+    (``write=False``: it claims success and writes nothing, like an actor on another node
+    writing a local path)."""
 
-    def __init__(self, script):
-        self.script = script
+    def __init__(self, handle, script, write=True):
+        self.handle, self.script, self.write = handle, script, write
 
         class Method:
             def __init__(self, fn):
                 self.remote = fn
 
-        self.run_chunk = Method(lambda ci, chunk: FakeRef((ci, chunk), self.script.pop(0)))
-        self.predictions = Method(lambda ci: FakeRef(None, {"status": "ok"}))
+        self.run_chunk = Method(lambda ci, chunk: self._call(ci, chunk))
+        self.predictions = Method(lambda ci: self._call(ci, None))
+
+    def _call(self, ci, chunk):
+        outcome = self.script.pop(0)
+        if isinstance(outcome, Exception):
+            return FakeRef(outcome)
+        from noisemem import study
+
+        spec, store = self.handle.spec, self.handle.store
+        config = spec.configs[ci]
+        if chunk is None:
+            if self.write:
+                store.write_part("predictions", config.id, None, [])
+            return FakeRef(config.id)
+        if self.write:
+            rows = [study.run_row(spec, config, chunk, p) for p in spec.chunk_indices(chunk)]
+            store.write_part("runs", config.id, chunk, rows)
+        return FakeRef({"status": "ok"})
 
 
-def test_driver_retries_a_chunk_whose_task_raised_and_keeps_the_actor(monkeypatch, tmp_path):
-    """A store write failing (a RayTaskError) or an actor dying is retried, the healthy actor
-    goes back to the pool, and a dead one is replaced; beyond MAX_RETRIES the error surfaces."""
+def fake_handle(monkeypatch, tmp_path, script, actors=1, write=True):
+    """A StudyHandle whose driver loop talks to FakeActors (no Ray): 1 config, 2 chunks."""
     import threading
-
-    import ray
-
-    ok = {"status": "ok"}
-    task_error = ray.exceptions.RayTaskError("run_chunk", "OSError: disk hiccup", OSError("x"))
-    script = [task_error, ok, ok]
 
     def fake_get(ref):
         if isinstance(ref, list):
@@ -184,27 +199,323 @@ def test_driver_retries_a_chunk_whose_task_raised_and_keeps_the_actor(monkeypatc
     monkeypatch.setattr(runtime.ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
     monkeypatch.setattr(runtime.ray, "get", fake_get)
     monkeypatch.setattr(runtime.ray, "kill", lambda actor: None)
+    training = {**RAW["training"], "permutations": 4}
+    spec = spec_at(tmp_path / "fake", optimizers=RAW["optimizers"][:1], training=training)
     handle = object.__new__(runtime.StudyHandle)
-    handle.spec = spec_at(tmp_path / "fake")
-    handle.store = Store(str(tmp_path / "fake"))
-    handle.store.write_manifest({"schema_version": 1})
+    handle.spec = spec
+    handle.path = spec.output
+    handle.store = Store(spec.output)
+    handle.store.write_manifest({"schema_version": SCHEMA_VERSION})
     handle.log = io.StringIO()
     handle._error = None
     handle._done = threading.Event()
     handle._todo = [(0, 0), (0, 1)]
     handle._per_chunk = {0: 2, 1: 2}
     handle.progress = runtime.Progress(total=4)
-    handle._actors = [FakeActor(script)]
+    handle._actors = [FakeActor(handle, script, write) for _ in range(actors)]
+    handle.new_actors = []
+
+    def new_actor():
+        handle.new_actors.append(FakeActor(handle, script, write))
+        return handle.new_actors[-1]
+
+    handle._new_actor = new_actor
+    return handle
+
+
+def test_driver_retries_a_chunk_whose_task_raised_and_keeps_the_actor(monkeypatch, tmp_path):
+    """A store write failing (a RayTaskError) is retried on the same, healthy actor; beyond
+    MAX_RETRIES the error surfaces."""
+    import ray
+
+    task_error = ray.exceptions.RayTaskError("run_chunk", "OSError: disk hiccup", OSError("x"))
+    # the one actor takes the predictions first, then the chunks
+    script = ["ok", task_error, "ok", "ok"]
+    handle = fake_handle(monkeypatch, tmp_path, script)
     handle._drive()
     assert handle._error is None and handle.progress.done == 4
-    assert "retrying" in handle.log.getvalue()
+    assert "chunk 0 of c000-HeavyBall-lr0.1-beta0.9 lost (RayTaskError); retrying" in (
+        handle.log.getvalue()
+    )
+    assert handle.new_actors == [] and not script
 
-    script[:] = [task_error] * (runtime.MAX_RETRIES + 1)
-    handle._done.clear()
+    script[:] = ["ok"] + [task_error] * (runtime.MAX_RETRIES + 1)
+    handle = fake_handle(monkeypatch, tmp_path, script)
     handle._todo = [(0, 0)]
-    handle.progress = runtime.Progress(total=2)
     handle._drive()
     assert isinstance(handle._error, ray.exceptions.RayTaskError)
+
+
+def test_predictions_whose_actor_died_are_retried_on_a_new_actor(monkeypatch, tmp_path):
+    """The predictions go through the chunks' retry path: a dead actor is replaced and the
+    study completes (it used to fail at the end, after every chunk was written)."""
+    import ray
+
+    script = [ray.exceptions.ActorDiedError(), "ok", "ok", "ok"]
+    handle = fake_handle(monkeypatch, tmp_path, script)
+    handle._drive()
+    assert handle._error is None and handle.progress.done == 4
+    assert "predictions of c000-HeavyBall-lr0.1-beta0.9 lost (ActorDiedError); retrying" in (
+        handle.log.getvalue()
+    )
+    assert len(handle.new_actors) == 1 and not script
+    assert handle.store.read_manifest()["complete"] is True
+
+
+def test_an_actor_failing_in_init_is_not_retried(monkeypatch, tmp_path):
+    """An exception in an actor's __init__ is the same on every try: the driver stops at
+    once with it instead of starting replacement actors."""
+    import ray
+
+    cause = ray.exceptions.RayTaskError(
+        "StudyWorker.__init__", "RuntimeError: Torch not compiled with CUDA enabled", OSError()
+    )
+    script = [ray.exceptions.ActorDiedError(cause), "ok", "ok", "ok"]
+    handle = fake_handle(monkeypatch, tmp_path, script)
+    handle._drive()
+    assert isinstance(handle._error, runtime.StudyActorError)
+    assert "Torch not compiled with CUDA enabled" in str(handle._error)
+    assert "retrying" not in handle.log.getvalue() and handle.new_actors == []
+
+
+def test_driver_refuses_a_store_that_lacks_rows(monkeypatch, tmp_path):
+    """Actors that write where the driver cannot read (another node's disk) report success;
+    the driver counts the rows and says why they are missing."""
+    handle = fake_handle(monkeypatch, tmp_path, ["ok"] * 3, write=False)
+    handle._drive()
+    err = handle._error
+    assert isinstance(err, runtime.IncompleteStoreError)
+    message = str(err)
+    assert repr(handle.path) in message
+    assert "0 of the 4 expected runs rows (1 configs x 4 permutations)" in message
+    assert "predictions of 0 of 1 configs" in message
+    assert "multi-node" in message and "s3://" in message
+    assert handle.store.read_manifest().get("complete") is not True
+
+
+class Check:
+    """A stand-in for the CUDA check on a GPU node that records that it ran."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    ("gpu", "gpus", "answer", "device", "checked"),
+    [
+        ("never", 4, (True, "A100"), "cpu", False),
+        ("auto", 0, (True, "A100"), "cpu", False),
+        ("auto", 2, (True, "A100"), "cuda", True),
+        ("auto", 1, (False, "torch 2.13.0+cpu there is a CPU-only build"), "cpu", True),
+        ("auto", 1, (None, "no answer from a GPU node within 120 s"), "cpu", True),
+        ("always", 0, (False, "never asked"), "cuda", False),  # autoscaling from zero
+        ("always", 1, (True, "A100"), "cuda", True),
+        ("always", 1, (None, "no answer from a GPU node within 120 s"), "cuda", True),
+    ],
+)
+def test_device_follows_what_torch_can_do_where_the_gpu_is(gpu, gpus, answer, device, checked):
+    check, log = Check(answer), io.StringIO()
+    assert runtime.choose_device(gpu, gpus, check=check, log=log) == device
+    assert check.calls == int(checked)
+    if device == "cpu" and checked:  # a GPU was there but is not used: say why
+        assert "runtime.gpu='auto'" in log.getvalue() and answer[1] in log.getvalue()
+
+
+def test_gpu_always_without_usable_cuda_fails_before_any_actor():
+    check = Check((False, "torch 2.13.0+cpu there is a CPU-only build"))
+    with pytest.raises(ValueError, match=r"runtime.gpu='always' is not possible.*CPU-only"):
+        runtime.choose_device("always", 1, check=check, log=io.StringIO())
+
+
+FAKE_GPU_SCRIPT = """
+import io, json, sys, time
+import ray
+from noisemem.runtime import launch
+from noisemem.spec import StudySpec
+from noisemem.store import load
+
+raw = json.loads(sys.argv[1])
+# Ray reports a GPU (a laptop with an NVIDIA GPU, say); torch here is a build without CUDA
+ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, _temp_dir=sys.argv[2])
+try:
+    log = io.StringIO()
+    path = launch(StudySpec.from_dict(raw), log=log).wait(timeout=300)
+    runs = load(path).runs
+    print("AUTO", len(runs), sorted(set(runs["status"])), sorted(set(runs["device"])))
+    print(log.getvalue())
+    raw["runtime"] = {"gpu": "always"}
+    raw["output"] += "-always"
+    t0 = time.perf_counter()
+    try:
+        launch(StudySpec.from_dict(raw), log=log)
+    except ValueError as err:
+        print(f"ALWAYS {time.perf_counter() - t0:.1f} s: {err}")
+finally:
+    ray.shutdown()
+"""
+
+
+def test_gpu_auto_falls_back_to_cpu_when_torch_there_cannot_use_cuda(tmp_path):
+    """The review's case: Ray counts a GPU, torch is the CPU build. ``auto`` warns and runs
+    on CPU actors; ``always`` fails before any actor, naming runtime.gpu."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch here can use CUDA: the fallback needs a GPU torch cannot use")
+    raw = {
+        "name": "fake_gpu",
+        "output": str(tmp_path / "store"),
+        "data": {"source": "digits", "limit": 64},
+        "model": {"kind": "softmax"},
+        "optimizers": [{"kind": "HeavyBall", "lr": 0.1, "beta": 0.9}],
+        "training": {"batch_size": 32, "permutations": 2, "chunk_size": 2},
+        "record": {"steps": False},
+    }
+    temp = tempfile.mkdtemp(prefix="nmgpu", dir="/tmp")  # short: Ray's socket paths
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", FAKE_GPU_SCRIPT, json.dumps(raw), temp],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"},
+        )
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert "AUTO 2 ['ok'] ['cpu']" in out, out
+    assert "warning: runtime.gpu='auto': the cluster has 1 GPU(s), but torch" in out
+    assert "CPU-only build" in out
+    assert "ALWAYS" in out and "runtime.gpu='always' is not possible" in out, out
+
+
+def test_killed_actors_are_replaced_and_their_predictions_retried(ray_local, tmp_path):
+    """Every actor dies right after the start (what a lost node does): the predictions and
+    the chunk each held run again on new actors and the study completes."""
+    import ray
+
+    training = {**RAW["training"], "epochs": 1, "permutations": 4}
+    spec = spec_at(tmp_path / "killed", optimizers=RAW["optimizers"][:1], training=training)
+    log = io.StringIO()
+    handle = launch(spec, actors=2, log=log)
+    for actor in list(handle._actors):
+        ray.kill(actor)
+    tables = load(handle.wait(timeout=600))
+    assert "predictions of c000-HeavyBall-lr0.1-beta0.9 lost (ActorDiedError)" in log.getvalue()
+    assert len(tables.runs) == 4 and set(tables.runs["status"]) == {"ok"}
+    assert not tables.runs.duplicated(["config", "permutation"]).any()
+    assert set(tables.predictions["config"]) == {spec.configs[0].id}
+    assert tables.manifest["complete"] is True
+
+
+def test_an_actor_failing_in_init_stops_the_study_at_once(ray_local, tmp_path, monkeypatch):
+    """A real actor whose __init__ raises (here: a device torch does not know): one error,
+    naming the cause, and no replacement actors."""
+    monkeypatch.setattr(runtime.StudyHandle, "_choose_device", lambda self: "nodevice")
+    log = io.StringIO()
+    handle = launch(spec_at(tmp_path / "initfail"), actors=1, log=log)
+    with pytest.raises(runtime.StudyActorError, match="nodevice"):
+        handle.wait(timeout=300)
+    assert "retrying" not in log.getvalue()
+
+
+def test_resume_refuses_a_store_of_another_schema_version(ray_local, tmp_path, monkeypatch):
+    def no_actors(*args, **kwargs):
+        raise AssertionError("an actor was started")
+
+    monkeypatch.setattr(runtime.StudyHandle, "_start_actors", no_actors)
+    spec = spec_at(tmp_path / "oldschema")
+    store = Store(spec.output)
+    other = SCHEMA_VERSION + 1  # whatever store.py's version is, another one
+    manifest = {"schema_version": other, "study": spec.name, "spec_digest": spec.digest}
+    store.write_manifest(manifest)
+    with pytest.raises(ValueError, match=rf"schema version {other}, but .* {SCHEMA_VERSION}"):
+        launch(spec)
+    assert store.read_manifest() == manifest  # left as it was
+
+
+def test_bad_actor_counts_and_outputs_are_refused(ray_local, tmp_path):
+    with pytest.raises(ValueError, match=r"actors=-1 is not allowed"):
+        launch(spec_at(tmp_path / "neg"), actors=-1)
+    with pytest.raises(ValueError, match=r"actors=True is not allowed"):
+        launch(spec_at(tmp_path / "bool"), actors=True)
+    with pytest.raises(ValueError, match=r"output='' is not allowed"):
+        runtime.absolute_output("")
+    assert runtime.absolute_output("s3://bucket/study") == "s3://bucket/study"
+    assert runtime.absolute_output("rel/store") == str(Path.cwd() / "rel" / "store")
+
+
+def write_spec(path, **changes) -> str:
+    import tomli_w
+
+    raw = copy.deepcopy(RAW)
+    raw.update(changes)
+    path.write_text(tomli_w.dumps(raw))
+    return str(path)
+
+
+def test_cli_overrides_are_validated_and_the_output_made_absolute(tmp_path, monkeypatch, capsys):
+    """--output goes through the spec's own checks: a relative path is made absolute where
+    the command runs (actors resolve paths in their own working directory), a URI stays as
+    it is, an empty one is refused; --gpu sets runtime.gpu without changing the digest."""
+    from noisemem.cli import main
+
+    seen: list[StudySpec] = []
+
+    def fake_launch(spec, actors=None):
+        seen.append(spec)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(runtime, "launch", fake_launch)
+    spec_file = write_spec(tmp_path / "s.toml", output="from/spec")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert main(["run", spec_file, "--output", "rel/store"]) == 2
+    assert seen[-1].output == str(tmp_path / "cwd" / "rel" / "store")
+    assert main(["run", spec_file, "--output", "s3://bucket/study", "--gpu", "always"]) == 2
+    assert seen[-1].output == "s3://bucket/study" and seen[-1].runtime.gpu == "always"
+    assert seen[-1].digest == StudySpec.from_toml(spec_file).digest
+    assert main(["run", spec_file]) == 2 and seen[-1].output == str(tmp_path / "cwd/from/spec")
+    capsys.readouterr()
+    calls = len(seen)
+    assert main(["run", spec_file, "--output", ""]) == 2
+    assert "output=''" in capsys.readouterr().err and len(seen) == calls
+    with pytest.raises(SystemExit):
+        main(["run", spec_file, "--gpu", "sometimes"])
+    assert "--gpu: invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+def test_cli_run_with_a_relative_output_from_another_directory(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    """`noisemem run --output REL` in a directory other than the actors': every row lands in
+    the store the command names and reads."""
+    from noisemem.cli import main
+
+    spec_file = write_spec(
+        tmp_path / "s.toml",
+        optimizers=RAW["optimizers"][:1],
+        training={**RAW["training"], "epochs": 1, "permutations": 4},
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    argv = ["run", spec_file, "--output", "rel", "--actors", "1", "--report-dir", "reports"]
+    assert main(argv) == 0
+    store = tmp_path / "elsewhere" / "rel"
+    assert f"store: {store}" in capsys.readouterr().out
+    tables = load(str(store))
+    assert len(tables.runs) == 4 and tables.manifest["complete"] is True
 
 
 def test_analysis_notebook_runs_on_a_store(ray_local, tmp_path, monkeypatch):
