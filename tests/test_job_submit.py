@@ -3,12 +3,17 @@ the store it leaves, checked row by row."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,39 +70,187 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head():
-    temp = tempfile.mkdtemp(prefix="nmhead", dir="/tmp")
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_TMPDIR": temp,
-        "TMPDIR": temp,
-        "RAY_AUTH_MODE": "disabled",  # a throwaway head on loopback only
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    dashboard = free_port()
-    start = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--num-cpus=2",
-        f"--port={free_port()}",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        "--disable-usage-stats",
-        f"--temp-dir={temp}",
-    ]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+def process_parents() -> dict[int, int]:
+    """pid -> parent pid of every process (Linux /proc; empty elsewhere)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":  # a zombie is gone already
+            parents[int(stat.parent.name)] = int(fields[1])
+    return parents
+
+
+def descendants(root: int) -> set[int]:
+    parents = process_parents()
+    found: set[int] = set()
+    frontier = {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def mentioning(text: str) -> set[int]:
+    """Processes whose command line names ``text`` (this head's unique temp dir)."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.add(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found - {os.getpid()}
+
+
+def signal_each(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def alive(pids: set[int]) -> set[int]:
+    return pids & set(process_parents())
+
+
+def kill_group(pgid: int, sig: int) -> None:
     try:
-        yield env, f"http://127.0.0.1:{dashboard}", Path(temp)
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_head(head: subprocess.Popen, temp: str) -> set[int]:
+    """Stop the head this test started, and only it. SIGTERM to `ray start --block` makes it
+    stop the services it started; whatever is left is then signalled by pid: its process
+    group, every process descending from it (workers, which the raylet puts in their own
+    groups; the job driver, in its own session) and any process whose command line names
+    this head's temp dir. Other Ray instances on the machine are untouched. Returns the
+    pids still alive afterwards (none)."""
+    pids = descendants(head.pid) | mentioning(temp)
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_group(head.pid, signal.SIGTERM)
+    signal_each(alive(pids), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(pids | {head.pid}):
+        time.sleep(0.2)
+    kill_group(head.pid, signal.SIGKILL)
+    signal_each(alive(pids), signal.SIGKILL)
+    head.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(pids):
+        time.sleep(0.1)
+    return alive(pids)
+
+
+def wait_for_head(head: subprocess.Popen, address: str, log: Path, timeout: float) -> None:
+    """Until `ray start --block` says the runtime started and the dashboard answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback
+    deadline = time.monotonic() + timeout
+    while True:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()}")
+        if "Ray runtime started" in log.read_text():
+            try:
+                with opener.open(f"{address}/api/version", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no Ray head at {address} after {timeout} s:\n{log.read_text()}")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def head_on_loopback(extra: tuple[str, ...] = ()) -> Iterator[tuple[dict, str, Path]]:
+    """A throwaway Ray head on loopback (`ray start --head --block` in its own session),
+    stopped by stop_head, never by `ray stop`, which stops every Ray instance on the
+    machine; its temp dir goes even when the start fails."""
+    temp = tempfile.mkdtemp(prefix="nmhead", dir="/tmp")
+    head = None
+    try:
+        env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_TMPDIR": temp,
+            "TMPDIR": temp,
+            "RAY_AUTH_MODE": "disabled",  # a throwaway head on loopback only
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once on SIGTERM
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+        }
+        dashboard = free_port()
+        start = [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            f"--port={free_port()}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+            *extra,
+        ]
+        log = Path(temp) / "ray-start.log"
+        with log.open("w") as out:
+            head = subprocess.Popen(
+                start, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        address = f"http://127.0.0.1:{dashboard}"
+        wait_for_head(head, address, log, timeout=120)
+        yield env, address, Path(temp)
     finally:
-        subprocess.run(
-            [str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
-        )
+        left = stop_head(head, temp) if head is not None else set()
         shutil.rmtree(temp, ignore_errors=True)
+        assert not left, f"processes of the test's Ray head still alive: {sorted(left)}"
+
+
+@pytest.fixture
+def bystander() -> Iterator[subprocess.Popen]:
+    """A process `ray stop` takes for a Ray worker (its command line names
+    default_worker.py), standing for another session's Ray: the teardown must spare it."""
+    code = "import time; time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code, "default_worker.py"])
+    try:
+        yield proc
+        assert proc.poll() is None, "the Ray head's teardown stopped a process it did not start"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def ray_head(bystander: subprocess.Popen) -> Iterator[tuple[dict, str, Path]]:
+    with head_on_loopback() as head:
+        yield head
+
+
+def test_a_failed_head_start_leaves_no_temp_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def recording_mkdtemp(*args, **kwargs):
+        made.append(mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
+    with pytest.raises(RuntimeError, match="ray start exited with 2"):
+        with head_on_loopback(extra=("--no-such-option",)):
+            pass
+    assert len(made) == 1 and not Path(made[0]).exists()
 
 
 def test_ray_job_submit_writes_a_complete_store(ray_head):
