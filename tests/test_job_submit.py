@@ -152,14 +152,23 @@ def stop_head(head: subprocess.Popen, temp: str) -> set[int]:
     return alive(pids)
 
 
-def wait_for_head(head: subprocess.Popen, address: str, log: Path, timeout: float) -> None:
-    """Until `ray start --block` says the runtime started and the dashboard answers."""
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for_head(
+    head: subprocess.Popen, address: str, agent_port: int, log: Path, timeout: float
+) -> None:
+    """Until `ray start --block` says the runtime started, the dashboard answers and the
+    dashboard agent that takes job submissions listens."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback
     deadline = time.monotonic() + timeout
     while True:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()}")
-        if "Ray runtime started" in log.read_text():
+        if "Ray runtime started" in log.read_text() and listening(agent_port):
             try:
                 with opener.open(f"{address}/api/version", timeout=2) as reply:
                     if reply.status == 200:
@@ -190,6 +199,9 @@ def head_on_loopback(extra: tuple[str, ...] = ()) -> Iterator[tuple[dict, str, P
             "HF_HUB_OFFLINE": "1",
         }
         dashboard = free_port()
+        # the agent's default port (52365) belongs to whichever Ray on the machine took it
+        # first (e.g. the tests' ray_local); a second agent there would never start
+        agent = free_port()
         start = [
             str(BIN / "ray"),
             "start",
@@ -200,6 +212,7 @@ def head_on_loopback(extra: tuple[str, ...] = ()) -> Iterator[tuple[dict, str, P
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent}",
             "--disable-usage-stats",
             f"--temp-dir={temp}",
             *extra,
@@ -210,7 +223,7 @@ def head_on_loopback(extra: tuple[str, ...] = ()) -> Iterator[tuple[dict, str, P
                 start, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         address = f"http://127.0.0.1:{dashboard}"
-        wait_for_head(head, address, log, timeout=120)
+        wait_for_head(head, address, agent, log, timeout=120)
         yield env, address, Path(temp)
     finally:
         left = stop_head(head, temp) if head is not None else set()
