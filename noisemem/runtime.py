@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,10 @@ def _remote_cuda_check(timeout: float = CUDA_CHECK_TIMEOUT_S) -> tuple[bool | No
 
 
 def choose_device(
-    gpu: str, cluster_gpus: float, check: Any = _remote_cuda_check, log: Any = None
+    gpu: str,
+    cluster_gpus: float,
+    check: Callable[[], tuple[bool | None, str]] = _remote_cuda_check,
+    log: Any = None,
 ) -> str:
     """``"cuda"`` or ``"cpu"`` for the study actors, from ``runtime.gpu``.
 

@@ -496,6 +496,22 @@ def test_cli_overrides_are_validated_and_the_output_made_absolute(tmp_path, monk
     assert "--gpu: invalid choice: 'sometimes'" in capsys.readouterr().err
 
 
+def test_cli_run_reports_an_incomplete_store_and_fails(tmp_path, monkeypatch, capsys):
+    """The driver's completeness check reaches the command line as an error and exit 1,
+    not as an empty comparison table and exit 0."""
+    from noisemem.cli import main
+
+    class Handle:
+        def wait(self):
+            raise runtime.IncompleteStoreError("the store at '/x' holds 0 of the 12 ...")
+
+    monkeypatch.setattr(runtime, "launch", lambda spec, actors=None: Handle())
+    assert main(["run", write_spec(tmp_path / "s.toml", output=str(tmp_path / "o"))]) == 1
+    captured = capsys.readouterr()
+    assert "noisemem: the store at '/x' holds 0 of the 12" in captured.err
+    assert captured.out == ""
+
+
 def test_cli_run_with_a_relative_output_from_another_directory(
     ray_local, tmp_path, monkeypatch, capsys
 ):
