@@ -296,19 +296,29 @@ class StudyHandle:
         self._thread.start()
 
     def _check_store(self) -> None:
-        """Refuse to resume into a store of another schema version or another study."""
+        """Refuse to resume into a store this noisemem cannot read, or of another study.
+
+        A store of an older schema version it reads is resumed: its parts are converted
+        one by one when read (:func:`noisemem.store.load`) and the manifest is rewritten at
+        the current version, so nothing computed before is lost or computed again. Its
+        digest may be of the older scheme; the stored ``study.toml`` then decides
+        (:meth:`StudySpec.same_study`)."""
         manifest = self.store.read_manifest()
         if manifest is None:
             return
-        version = store_module.SCHEMA_VERSION
-        if manifest.get("schema_version") != version:
+        readable = store_module.READABLE_SCHEMA_VERSIONS
+        version = manifest.get("schema_version")
+        if version not in readable:
             raise ValueError(
-                f"output={self.spec.output!r} holds a store of schema version "
-                f"{manifest.get('schema_version')!r}, but this noisemem writes schema version "
-                f"{version}; a resumed study cannot mix the two: choose another output "
-                "directory (or finish that study with the noisemem that started it)"
+                f"output={self.spec.output!r} holds a store of schema version {version!r}, "
+                f"but this noisemem reads schema versions {readable} and writes "
+                f"{store_module.SCHEMA_VERSION}: choose another output directory (or finish "
+                "that study with the noisemem that started it)"
             )
-        if manifest.get("spec_digest") != self.spec.digest:
+        stored_toml = None
+        if self.store.exists("study.toml"):
+            stored_toml = self.store.read_text("study.toml")
+        if not self.spec.same_study(manifest.get("spec_digest"), stored_toml):
             raise ValueError(
                 f"output={self.spec.output!r} holds a different study "
                 f"(digest {manifest.get('spec_digest')} != {self.spec.digest}); "

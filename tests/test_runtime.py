@@ -437,12 +437,62 @@ def test_resume_refuses_a_store_of_another_schema_version(ray_local, tmp_path, m
     monkeypatch.setattr(runtime.StudyHandle, "_start_actors", no_actors)
     spec = spec_at(tmp_path / "oldschema")
     store = Store(spec.output)
-    other = SCHEMA_VERSION + 1  # whatever store.py's version is, another one
+    other = SCHEMA_VERSION + 1  # whatever store.py's version is, a newer one
     manifest = {"schema_version": other, "study": spec.name, "spec_digest": spec.digest}
     store.write_manifest(manifest)
     with pytest.raises(ValueError, match=rf"schema version {other}, but .* {SCHEMA_VERSION}"):
         launch(spec)
     assert store.read_manifest() == manifest  # left as it was
+
+
+def test_a_version_1_store_is_resumed_without_losing_or_redoing_anything(ray_local, tmp_path):
+    """A store written by noisemem before schema 2 (moments as sums and sums of squares, the
+    digest of the spec as written, study.toml with the model as written), interrupted: the
+    resumed study runs only the missing chunk and its tables equal an uninterrupted run's."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import tomli_w
+
+    from noisemem.store import merged_moments
+
+    spec = spec_at(tmp_path / "v1")
+    path = launch(spec, actors=2, log=io.StringIO()).wait(timeout=600)
+    before = load(path)
+    store = Store(path)
+    # what the schema-1 noisemem left: version-1 moments parts, its manifest and study.toml
+    old_toml = {**spec.to_toml_dict(), "model": spec.raw["model"]}
+    store.write_text(tomli_w.dumps(runtime._toml_safe(old_toml)), "study.toml")
+    manifest = {**store.read_manifest(), "schema_version": 1, "spec_digest": spec.legacy_digest}
+    manifest["complete"] = False
+    store.write_manifest(manifest)
+    assert spec.legacy_digest != spec.digest
+    v1 = pa.schema(
+        [f for f in SCHEMAS["moments"] if f.name not in ("mean", "m2")]
+        + [pa.field("sum", pa.list_(pa.float64())), pa.field("sum_sq", pa.list_(pa.float64()))]
+    )
+    for part in store.parts("moments"):
+        rows = store.read_part("moments", part).to_pylist()
+        for row in rows:
+            n, mean, m2 = row["count"], np.asarray(row.pop("mean")), np.asarray(row.pop("m2"))
+            row["sum"], row["sum_sq"] = (n * mean).tolist(), (m2 + n * mean * mean).tolist()
+        pq.write_table(pa.Table.from_pylist(rows, schema=v1), part, filesystem=store.fs)
+    config = spec.configs[0].id
+    for table in ("runs", "steps", "corrections", "moments"):
+        store.fs.delete_file(store.path(*store.part_name(table, config, 1)))
+    handle = launch(spec, actors=2, log=io.StringIO())
+    assert handle.progress.done == 12 - 2  # only the lost chunk runs again
+    after = load(handle.wait(timeout=600))
+    assert after.manifest["schema_version"] == SCHEMA_VERSION and after.manifest["complete"]
+    for name in ("runs", "steps", "corrections", "predictions"):
+        pd.testing.assert_frame_equal(comparable(before, name), comparable(after, name))
+    keys = ["config", "probe", "step"]
+    a = merged_moments(before.moments).sort_values(keys).reset_index(drop=True)
+    b = merged_moments(after.moments).sort_values(keys).reset_index(drop=True)
+    assert len(a) == len(b) > 0 and (a["count"] == b["count"]).all()
+    for col in ("mean", "stderr"):
+        x, y = np.stack(a[col]), np.stack(b[col])
+        assert np.allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True), col
 
 
 def test_bad_actor_counts_and_outputs_are_refused(ray_local, tmp_path):
