@@ -197,6 +197,11 @@ class Store:
     uri: str
 
     def __post_init__(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri.strip():
+            raise ValueError(
+                f"output={self.uri!r} is not allowed; give a directory path or a URI "
+                "(an empty path would silently mean the working directory)"
+            )
         self.fs, self.root = _split(self.uri)
 
     def path(self, *parts: str) -> str:

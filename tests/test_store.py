@@ -242,3 +242,9 @@ def test_unreadable_runs_part_counts_as_not_done(store):
 def test_load_refuses_a_directory_without_a_study(tmp_path):
     with pytest.raises(ValueError, match="no noisemem study"):
         load(str(tmp_path))
+
+
+@pytest.mark.parametrize("uri", ["", "  "])
+def test_an_empty_store_path_is_refused(uri):
+    with pytest.raises(ValueError, match="output="):
+        Store(uri)
