@@ -234,14 +234,27 @@ def as_problem(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Pro
     return batches if isinstance(batches, Problem) else Problem(model, loss_fn, batches)
 
 
+_BOOLS = frozenset((bool, np.bool_))
+
+
 def sequence_array(sequence: Sequence[int] | Tensor | np.ndarray, num_batches: int) -> np.ndarray:
     """:func:`check_sequence` as an int64 array; integer arrays and tensors are checked
     without a Python loop (the engine takes one sequence per sampled order)."""
     if isinstance(sequence, Tensor):
         sequence = sequence.detach().cpu().numpy()
-    if isinstance(sequence, np.ndarray) and sequence.ndim == 1 and sequence.dtype.kind in "iu":
-        if sequence.size and 0 <= sequence.min() and sequence.max() < num_batches:
-            return sequence.astype(np.int64, copy=False)
+    if isinstance(sequence, np.ndarray):
+        arr = sequence
+    else:  # a list of Python ints (numpy would take a bool among them as 0 or 1)
+        items = list(sequence)
+        arr = None
+        if not _BOOLS.intersection(map(type, items)):
+            try:
+                arr = np.asarray(items)
+            except (TypeError, ValueError):
+                arr = None
+    if arr is not None and arr.ndim == 1 and arr.dtype.kind in "iu" and arr.size:
+        if 0 <= arr.min() and arr.max() < num_batches:
+            return arr.astype(np.int64, copy=False)
     return np.asarray(check_sequence(sequence, num_batches), dtype=np.int64)
 
 
