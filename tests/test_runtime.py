@@ -454,7 +454,7 @@ def test_a_version_1_store_is_resumed_without_losing_or_redoing_anything(ray_loc
     import pyarrow.parquet as pq
     import tomli_w
 
-    from noisemem.store import merged_moments
+    from noisemem.store import MOMENTS_V1, merged_moments
 
     spec = spec_at(tmp_path / "v1")
     path = launch(spec, actors=2, log=io.StringIO()).wait(timeout=600)
@@ -467,16 +467,12 @@ def test_a_version_1_store_is_resumed_without_losing_or_redoing_anything(ray_loc
     manifest["complete"] = False
     store.write_manifest(manifest)
     assert spec.legacy_digest != spec.digest
-    v1 = pa.schema(
-        [f for f in SCHEMAS["moments"] if f.name not in ("mean", "m2")]
-        + [pa.field("sum", pa.list_(pa.float64())), pa.field("sum_sq", pa.list_(pa.float64()))]
-    )
     for part in store.parts("moments"):
         rows = store.read_part("moments", part).to_pylist()
         for row in rows:
             n, mean, m2 = row["count"], np.asarray(row.pop("mean")), np.asarray(row.pop("m2"))
             row["sum"], row["sum_sq"] = (n * mean).tolist(), (m2 + n * mean * mean).tolist()
-        pq.write_table(pa.Table.from_pylist(rows, schema=v1), part, filesystem=store.fs)
+        pq.write_table(pa.Table.from_pylist(rows, schema=MOMENTS_V1), part, filesystem=store.fs)
     config = spec.configs[0].id
     for table in ("runs", "steps", "corrections", "moments"):
         store.fs.delete_file(store.path(*store.part_name(table, config, 1)))

@@ -35,15 +35,9 @@ def moments_row(config: str, chunk: int, vectors: list[np.ndarray]) -> dict:
 def moments_row_v1(config: str, chunk: int, vectors: list[np.ndarray]) -> dict:
     """A ``moments`` row as schema version 1 stored it: count, sum, sum of squares."""
     v = np.stack(vectors)
-    return {
-        "config": config,
-        "probe": "init",
-        "step": 3,
-        "chunk": chunk,
-        "count": len(vectors),
-        "sum": v.sum(0).tolist(),
-        "sum_sq": (v * v).sum(0).tolist(),
-    }
+    row = moments_row(config, chunk, vectors)
+    del row["mean"], row["m2"]
+    return {**row, "sum": v.sum(0).tolist(), "sum_sq": (v * v).sum(0).tolist()}
 
 
 def write_v1_moments(store: Store, config: str, chunk: int, rows: list[dict]) -> None:
