@@ -25,8 +25,13 @@ those classes, E_same = H g + s_same V and E_diff = H g + s_diff V (V the noise 
     replacement: V = Cov,                           s_same = 1,               s_diff = 0
 
 The first term is ``full_batch_part`` (it equals the full-batch correction at step n), the
-second ``noise_part``. Monte Carlo (every optimizer): average Eq. (9) over sampled orders,
-with per-coordinate standard errors; order p is drawn from ``numpy.random.default_rng([seed,
+second ``noise_part``. Reshuffled batches are sets of samples, so the exact ``reshuffle``
+expectation takes each sample as a batch of one: it holds when a batch's loss is the mean of
+its samples' losses and the model treats samples independently (no batch norm); Monte Carlo
+builds the fresh batches themselves and needs neither.
+
+Monte Carlo (every optimizer): average Eq. (9) over sampled orders, with per-coordinate
+standard errors; order p is drawn from ``numpy.random.default_rng([seed,
 p])``, so an estimate does not depend on how the orders are split among workers.
 """
 
@@ -275,7 +280,8 @@ def expected_correction(
     ``step`` (default: the last step of ``epochs`` epochs) is n. ``method="exact"`` for
     HeavyBall and Nesterov (with ``full_batch_part`` and ``noise_part``); ``"monte_carlo"``
     for every smooth optimizer, averaging Eq. (9) over ``permutations`` sampled orders
-    (``stderr`` per coordinate; reproducible from ``seed``).
+    (``stderr`` per coordinate; reproducible from ``seed``, an int in [0, 2**32)); the exact
+    method uses neither.
     """
     require_smooth(optimizer)
     problem = as_problem(model, loss_fn, batches)
