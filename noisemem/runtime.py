@@ -23,7 +23,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,7 +32,7 @@ import torch
 from noisemem import store as store_module
 from noisemem import study
 from noisemem.data import prepare
-from noisemem.spec import SpecError, StudySpec
+from noisemem.spec import SpecError, StudySpec, absolute_output
 from noisemem.store import Store
 from noisemem.system import keep_freed_memory
 
@@ -143,19 +142,6 @@ def check_actors(actors: Any) -> None:
             f"actors={actors!r} is not allowed; give an integer >= 0 (0: one per available "
             "CPU or GPU) or None (use the spec's runtime.actors)"
         )
-
-
-def absolute_output(output: Any) -> str:
-    """The store location every actor resolves the same way: a URI untouched, a relative
-    path made absolute against the driver's working directory (actors run in their own)."""
-    if not isinstance(output, str) or not output:
-        raise ValueError(
-            f"output={output!r} is not allowed; give a directory path or a pyarrow "
-            "filesystem URI such as s3://bucket/study"
-        )
-    if "://" in output or Path(output).is_absolute():
-        return output
-    return str(Path.cwd() / output)
 
 
 def _cluster_gpus() -> float:

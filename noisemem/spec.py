@@ -81,6 +81,20 @@ def _fail(path: str, value: Any, allowed: str) -> SpecError:
     return SpecError(f"{path}={value!r} is not allowed; {allowed}")
 
 
+def absolute_output(output: Any) -> str:
+    """The store location every actor resolves the same way: a URI untouched, a relative
+    path made absolute against this process's working directory (actors run in their own)."""
+    if not isinstance(output, str) or not output:
+        raise _fail(
+            "output",
+            output,
+            "give a directory path or a pyarrow filesystem URI such as s3://bucket/study",
+        )
+    if "://" in output or Path(output).is_absolute():
+        return output
+    return str(Path.cwd() / output)
+
+
 def _check_keys(section: str, raw: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(raw) - set(allowed))
     if unknown:
@@ -325,11 +339,7 @@ class StudySpec:
         name = raw.get("name")
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise _fail("name", name, "use letters, digits, '-' and '_'")
-        output = raw.get("output", f"out/studies/{name}")
-        if not isinstance(output, str) or not output:
-            raise _fail("output", output, "give a directory path or a pyarrow filesystem URI")
-        if "://" not in output and not Path(output).is_absolute():
-            output = str(Path.cwd() / output)  # actors may run in other working directories
+        output = absolute_output(raw.get("output", f"out/studies/{name}"))
         for section in sections:
             if section != "optimizers" and not isinstance(raw.get(section, {}), Mapping):
                 raise _fail(section, raw.get(section), f"[{section}] must be a table")
