@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from noisemem.problem import is_integer
+
 HUB_HOST = ("huggingface.co", 443)
 
 
@@ -189,11 +191,7 @@ def digits(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
 
 def split_batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     """Consecutive batches of ``batch_size`` samples; the incomplete last batch is dropped."""
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or not 1 <= batch_size <= len(x)
-    ):
+    if not is_integer(batch_size) or not 1 <= batch_size <= len(x):
         raise ValueError(
             f"batch_size={batch_size!r} is not allowed; it must be an int in [1, {len(x)}]"
         )

@@ -292,7 +292,8 @@ def expected_correction(
     if method == "exact":
         return exact_expectation(problem, optimizer, sampling, n, epochs)
     assert permutations is not None
-    acc = monte_carlo_moments(problem, optimizer, sampling, n, range(int(permutations)), seed)
+    permutations = int(permutations)
+    acc = monte_carlo_moments(problem, optimizer, sampling, n, range(permutations), seed)
     dtype, device = problem.theta.dtype, problem.theta.device
     return Expectation(
         mean=acc.mean.to(device, dtype),
@@ -301,7 +302,7 @@ def expected_correction(
         sampling=sampling,
         step=n,
         epochs=epochs,
-        permutations=int(permutations),
+        permutations=permutations,
         seed=seed,
     )
 

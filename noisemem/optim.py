@@ -228,7 +228,7 @@ def _adam_step(m1: Tensor, m2: Tensor, m3: Tensor, eps: float, eps_in_sqrt: bool
     if eps_in_sqrt:
         return torch.addcmul(m3, m1, torch.rsqrt(m2 + eps))
     pos = m2 > 0
-    root = torch.where(pos, torch.sqrt(torch.where(pos, m2, torch.ones_like(m2))), 0.0)
+    root = torch.where(pos, torch.sqrt(torch.where(pos, m2, 1.0)), 0.0)
     return torch.addcdiv(m3, m1, root + eps)
 
 

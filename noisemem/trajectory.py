@@ -26,7 +26,7 @@ from noisemem.correction import (
     require_smooth,
 )
 from noisemem.optim import Optimizer
-from noisemem.problem import Batch, LossFn, Problem, as_problem, check_sequence, is_integer
+from noisemem.problem import Batch, LossFn, Problem, as_problem, is_integer, sequence_array
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def memoryful_run(
     """Iteration (1) from the model's current parameters over ``sequence``."""
     require_optimizer(optimizer)
     problem = as_problem(model, loss_fn, batches)
-    seq = check_sequence(sequence, problem.num_batches)
+    seq = sequence_array(sequence, problem.num_batches)
     state = optimizer.init(problem.theta)
 
     def advance(n: int, theta: Tensor) -> Tensor:
@@ -92,7 +92,7 @@ def memoryless_run(
     else:
         require_optimizer(optimizer)
     problem = as_problem(model, loss_fn, batches)
-    seq = check_sequence(sequence, problem.num_batches)
+    seq = sequence_array(sequence, problem.num_batches)
 
     def advance(n: int, theta: Tensor) -> Tensor:
         probe = Probe(problem, theta)
@@ -125,7 +125,7 @@ def trajectories(
     """Run (1), the first-order and the second-order memoryless iterations over ``sequence``."""
     require_smooth(optimizer)  # every argument checked before the first run starts
     problem = as_problem(model, loss_fn, batches)
-    check_sequence(sequence, problem.num_batches)
+    sequence_array(sequence, problem.num_batches)
     full = memoryful_run(model, loss_fn, problem, optimizer, sequence)
     first = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=1)
     second = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=2)
