@@ -23,13 +23,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-import noisemem.correction as correction
 from noisemem import expected_correction, memory_correction
-from noisemem.correction import Probe
-from noisemem.data import digits, split_batches
-from noisemem.models import gelu_mlp
 from noisemem.optim import AdamW, HeavyBall
+from noisemem.probe import Probe
 from noisemem.problem import Problem
+from noisemem.studies.data import digits, split_batches
+from noisemem.studies.models import gelu_mlp
 from noisemem.system import keep_freed_memory
 
 
@@ -139,13 +138,11 @@ def main() -> None:
         "<= 15",
     )
     if dev == "cpu":
-        correction.FUSED = False
         add(
             "  same, window in torch (no fused CPU kernel)",
-            lambda: memory_correction(model, loss_fn, problem, adamw, seq10),
+            lambda: memory_correction(model, loss_fn, problem, adamw, seq10, window="dense"),
             "info",
         )
-        correction.FUSED = True
     t_lit = add(
         "literal Eq. (9) loop, heavy ball, 10 epochs deep",
         lambda: literal_eq9_heavy_ball(problem, hb, seq10),

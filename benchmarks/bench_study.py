@@ -1,7 +1,7 @@
 """Study throughput, as ratios measured in one run (CPU; GELU MLP 64-128-10 on digits).
 
 1. Training one chunk (32 permutations, the spec's chunk_size) as one vmapped ensemble
-   (noisemem.study.train_ensemble) against the same permutations trained one by one with
+   (noisemem.studies.chunk.train_ensemble) against the same permutations trained one by one with
    torch.optim.SGD(momentum) (target >= 3x).
 2. The whole study on a local Ray cluster (1 actor) against the same chunks and predictions
    computed in this process without Ray (target: Ray overhead <= 15%).
@@ -26,11 +26,12 @@ import time
 import ray
 import torch
 
-from noisemem.data import prepare
-from noisemem.runtime import launch
-from noisemem.spec import StudySpec
-from noisemem.store import Store
-from noisemem.study import Context, predictions, run_chunk, train_ensemble
+from noisemem.studies.chunk import Context, predictions, run_chunk, train_ensemble
+from noisemem.studies.data import prepare
+from noisemem.studies.driver import launch
+from noisemem.studies.plan import Chunks
+from noisemem.studies.spec import StudySpec
+from noisemem.studies.store import Store
 from noisemem.system import keep_freed_memory
 
 SPEC = {
@@ -75,7 +76,7 @@ def main() -> None:
     opt = spec.configs[0].optimizer
 
     # 1. vmapped ensemble vs torch.optim one by one (same orders), paired repeats
-    runs = [ctx.run(p) for p in spec.chunk_indices(0)]
+    runs = [ctx.run(p) for p in Chunks.of(spec).indices(0)]
     train_ensemble(ctx, opt, runs[:2])  # warm-up
     ratios = []
     for _ in range(5):
@@ -102,7 +103,7 @@ def main() -> None:
         x, y, info = prepare("digits")
         ctx = Context.build(spec, x, y, info)
         store = Store(output)
-        for chunk in range(spec.num_chunks):
+        for chunk in range(Chunks.of(spec).count):
             tables = run_chunk(ctx, config, chunk)
             for table in ("steps", "corrections", "moments", "runs"):
                 store.write_part(table, config.id, chunk, tables[table])
@@ -132,7 +133,7 @@ def main() -> None:
     seconds = [t1 - t0 for t0, t1 in zip(inproc, ray_times[1], strict=True)]
     speedups = [t1 / t2 for t1, t2 in zip(ray_times[1], ray_times[2], strict=True)]
     print(
-        f"{args.permutations} permutations, {spec.num_chunks} chunks, {args.rounds} rounds: "
+        f"{args.permutations} permutations, {Chunks.of(spec).count} chunks, {args.rounds} rounds: "
         f"in-process {summary(inproc, '.1f')} s, Ray 1 actor {summary(ray_times[1], '.1f')} s"
     )
     print(

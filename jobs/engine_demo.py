@@ -17,11 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.compare import Comparison, comparison_table, markdown_report
+import pandas as pd
+
 from noisemem import expected_correction, full_batch_correction
-from noisemem.data import digits, split_batches
-from noisemem.models import gelu_mlp
+from noisemem.analysis.compare import comparison
 from noisemem.optim import AdamW, HeavyBall
+from noisemem.studies.data import digits, split_batches
+from noisemem.studies.models import gelu_mlp
 from noisemem.system import keep_freed_memory
 
 
@@ -69,19 +71,22 @@ def main(argv: list[str] | None = None) -> int:
             fb = full_batch_correction(model, loss_fn, batches, opt, step=step)
             assert mc.stderr is not None
             rows.append(
-                Comparison(
-                    optimizer=name,
-                    probe=f"init, step {step} (end of epoch {epochs})",
-                    monte_carlo=mc.mean,
-                    stderr=mc.stderr,
-                    permutations=args.permutations,
-                    full_batch=fb,
-                    exact=None if exact is None else exact.mean,
-                    noise_part=None if exact is None else exact.noise_part,
-                )
+                {
+                    "config": name,
+                    "probe": "init",
+                    "step": step,
+                    **comparison(
+                        mc.mean.numpy(),
+                        mc.stderr.numpy(),
+                        args.permutations,
+                        exact=None if exact is None else exact.mean.numpy(),
+                        full_batch=fb.numpy(),
+                        noise_part=None if exact is None else exact.noise_part.numpy(),
+                    ),
+                }
             )
             print(f"  {name}, {epochs} epoch(s): {time.perf_counter() - t0:.1f} s")
-    table = comparison_table(rows)
+    table = pd.DataFrame(rows)
     with_pd_opts = table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
     print()
     print(with_pd_opts)
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / "engine_demo.md"
-    report.write_text(markdown_report(table, "noisemem: E[M] on digits", notes))
+    lines = ["# noisemem: E[M] on digits", "", table.to_markdown(index=False, floatfmt=".4g"), ""]
+    report.write_text("\n".join(lines + [f"- {n}" for n in notes]) + "\n")
     print(f"\nreport: {report.resolve()}")
     return 0
 

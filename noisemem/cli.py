@@ -1,4 +1,9 @@
-"""The ``noisemem`` command: ``run`` a study, ``status`` of a store, ``show`` its comparison."""
+"""The ``noisemem`` command: ``run`` a study, ``status`` of a store, ``show`` its comparison.
+
+The front door: it reads specs and stores (:mod:`noisemem.studies`), runs studies on Ray
+(:mod:`noisemem.studies.driver`, imported when a study runs) and shows what the analysis
+(:mod:`noisemem.analysis`) makes of a store.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from noisemem.spec import GPU_MODES, SpecError, StudySpec
+from noisemem.analysis.compare import comparison_table
+from noisemem.analysis.report import write_report
+from noisemem.studies.spec import GPU_MODES, SpecError, StudySpec
+from noisemem.studies.store import IncompleteStoreError, load
 
 
 def comparison(path: str) -> str:
     """The comparison table of a store, as text (Monte Carlo vs exact vs full-batch)."""
-    from analysis.study_report import comparison_table
-    from noisemem.store import load
-
     table = comparison_table(load(path))
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-def with_overrides(
-    spec: StudySpec, spec_path: str, output: str | None, gpu: str | None
-) -> StudySpec:
-    """The spec with ``--output`` / ``--gpu`` applied, validated and resolved as the spec file
-    itself is: a relative output becomes absolute here (actors run in other working
-    directories, where it would name another place), a URI stays as it is."""
-    if output is None and gpu is None:
-        return spec
-    raw = dict(spec.raw)
-    if output is not None:
-        raw["output"] = output
-    if gpu is not None:
-        raw["runtime"] = {**raw.get("runtime", {}), "gpu": gpu}
-    return StudySpec.from_dict(raw, base=Path(spec_path).parent)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,30 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        from noisemem.runtime import IncompleteStoreError, StudyActorError, launch
+        from noisemem.studies import driver  # imports Ray: only where a study runs
 
         try:
             spec = StudySpec.from_toml(args.spec)
-            spec = with_overrides(spec, args.spec, args.output, args.gpu)
-            handle = launch(spec, actors=args.actors)
+            spec = spec.with_overrides(Path(args.spec).parent, output=args.output, gpu=args.gpu)
+            handle = driver.launch(spec, actors=args.actors)
         except (SpecError, ValueError) as err:
             print(f"noisemem: {err}", file=sys.stderr)
             return 2
         try:
             path = handle.wait()
-        except (IncompleteStoreError, StudyActorError) as err:
+        except (IncompleteStoreError, driver.StudyActorError) as err:
             print(f"noisemem: {err}", file=sys.stderr)
             return 1
         print(comparison(path))
-        from analysis.study_report import write_report
-        from noisemem.store import load
-
         report = write_report(load(path), Path(args.report_dir) / spec.name)
         print(f"\nstore: {path}\nreport: {report.resolve()}")
         return 0
     if args.command == "status":
-        from noisemem.store import load
-
         tables = load(args.path)
         runs = tables.runs
         counts = runs["status"].value_counts().to_dict() if len(runs) else {}

@@ -41,20 +41,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
-from noisemem.correction import TAIL_TOL, Probe, decay_filter, require_smooth
-from noisemem.noise import per_sample_problem
-from noisemem.optim import Optimizer, Source
-from noisemem.problem import Batch, LossFn, Problem, as_problem, is_integer
+from noisemem import checks
+from noisemem.checks import SAMPLINGS, SEED_LIMIT
+from noisemem.correction import correction_at
+from noisemem.memory import TAIL_TOL, decay_filter
+from noisemem.optim import Optimizer, require_smooth
+from noisemem.probe import Probe
+from noisemem.problem import Batch, LossFn, Problem, as_problem
 from noisemem.stats import Moments
 
-SAMPLINGS = ("permute", "reshuffle", "replacement")
 METHODS = ("exact", "monte_carlo")
-#: seeds and order indices lie in [0, 2^32): numpy's SeedSequence splits a larger integer
-#: into 32-bit words, so (2^32, 0) and (0, 1) would give the same entropy, the same order
-SEED_LIMIT = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -90,9 +88,7 @@ def sample_run(
     sampling: str, num_batches: int, batch_size: int, steps: int, seed: int, index: int
 ) -> SampledRun:
     """The ``index``-th random order of ``steps`` steps under ``sampling``."""
-    for name, value in (("seed", seed), ("index", index)):
-        if not is_integer(value) or not 0 <= value < SEED_LIMIT:
-            raise ValueError(f"{name}={value!r} is not allowed; it must be an int in [0, 2**32)")
+    seed, index = checks.seed("seed", seed), checks.seed("index", index)
     rng = np.random.default_rng([int(seed), int(index)])
     m = num_batches
     epochs = -(-steps // m)
@@ -146,35 +142,35 @@ def _check_expectation_args(
     seed: int,
     num_batches: int,
 ) -> int:
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling={sampling!r} is not allowed; use one of {SAMPLINGS}")
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not allowed; use one of {METHODS}")
-    if not is_integer(epochs) or epochs < 1:
-        raise ValueError(f"epochs={epochs!r} is not allowed; epochs must be an int >= 1")
+    checks.choice("sampling", sampling, SAMPLINGS)
+    checks.choice("method", method, METHODS)
+    checks.integer("epochs", epochs, 1)
     last = epochs * num_batches - 1
     if step is None:
         step = last
-    if not is_integer(step) or not 0 <= step <= last:
-        raise ValueError(
-            f"step={step!r} is not allowed; step must be an int in [0, {last}] "
-            f"({epochs} epochs of {num_batches} batches), or None for the last step"
-        )
+    checks.integer(
+        "step",
+        step,
+        0,
+        last,
+        allowed=f"step must be an int in [0, {last}] ({epochs} epochs of {num_batches} "
+        "batches), or None for the last step",
+    )
     if method == "exact" and not optimizer.linear:
         raise ValueError(
             f"method='exact' is not available for {optimizer.name}: E[M] has a closed form only "
             "for optimizers linear in the gradients (HeavyBall, Nesterov); use "
             "method='monte_carlo'"
         )
-    if method == "monte_carlo" and (
-        not is_integer(permutations) or not 2 <= permutations <= SEED_LIMIT
-    ):
-        raise ValueError(
-            f"permutations={permutations!r} is not allowed; method='monte_carlo' needs an int "
-            "in [2, 2**32]"
+    if method == "monte_carlo":
+        checks.integer(
+            "permutations",
+            permutations,
+            2,
+            SEED_LIMIT,
+            allowed="method='monte_carlo' needs an int in [2, 2**32]",
         )
-    if not is_integer(seed) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed={seed!r} is not allowed; seed must be an int in [0, 2**32)")
+    checks.seed("seed", seed)
     return int(step)
 
 
@@ -201,13 +197,13 @@ def exact_expectation(
 ) -> Expectation:
     """The exact E[M^(n)] for a linear optimizer (module docstring); g, H g and Cov from
     ``probe`` (a :class:`Probe` of ``problem``; built here if not given)."""
-    if not all(v.source is Source.GRAD for v in optimizer.variables):
+    if not optimizer.linear:
         raise ValueError(f"optimizer: {optimizer.name} is not linear in the gradients")
     C = pair_coefficients(optimizer, step, problem.num_batches)
     s_same, s_diff = noise_scales(sampling, problem.num_batches, problem.batch_size)
     probe = probe if probe is not None else Probe(problem)
     if sampling == "reshuffle":
-        Hg, V = probe.hessian_gradient(), Probe(per_sample_problem(problem)).hessian_moments()[2]
+        Hg, V = probe.hessian_gradient(), Probe(problem.per_sample()).hessian_moments()[2]
     else:
         _, Hg, V = probe.hessian_moments()
     c_full = C["same"] + C["epoch"] + C["cross"]
@@ -235,13 +231,9 @@ def sampled_correction(
 ) -> Tensor:
     """Eq. (9) for one sampled order (fresh batches built from samples for ``reshuffle``)."""
     if run.batches is None:
-        return probe.memory_correction(optimizer, run.sequence, tail_tol=tail_tol)
-    X = problem.X.flatten(0, 1)[torch.as_tensor(run.batches, device=problem.X.device)]
-    Y = problem.Y.flatten(0, 1)[torch.as_tensor(run.batches, device=problem.Y.device)]
-    fresh = Problem(
-        problem.model, problem.loss_fn, list(zip(X, Y, strict=True)), layout=problem.layout
-    )
-    return Probe(fresh, probe.theta).memory_correction(optimizer, run.sequence, tail_tol=tail_tol)
+        return correction_at(probe, optimizer, run.sequence, tail_tol=tail_tol)
+    fresh = Probe(problem.rebatched(run.batches), probe.theta)
+    return correction_at(fresh, optimizer, run.sequence, tail_tol=tail_tol)
 
 
 def monte_carlo_moments(

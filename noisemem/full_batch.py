@@ -3,18 +3,46 @@
 In the full-batch case every ``g_l`` is the full-loss quantity, and Eq. (9) has closed forms.
 ``step=n`` gives the exact finite-n correction, ``step=None`` the n -> infinity limit.
 Notation: g = grad L, H = hess L, h = lr, ``||g||_{1,eps} = sum_i sqrt(g_i^2 + eps)``.
+
+The closed forms are looked up by the optimizer's class (:data:`CLOSED_FORMS`; register one
+for an optimizer of your own with :func:`closed_form`). Without one, the finite-n correction
+is Eq. (9) itself on the full batch repeated n + 1 times (exact: every batch is then the full
+batch), and the limit is refused with :class:`NoClosedForm`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from noisemem.correction import Probe, require_smooth
-from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov, Optimizer
-from noisemem.problem import Batch, LossFn, Problem, as_problem, is_integer
+from noisemem import checks
+from noisemem.correction import correction_at
+from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov, Optimizer, require_smooth
+from noisemem.probe import Probe
+from noisemem.problem import Batch, LossFn, Problem, as_problem
+
+#: a closed form: (probe at theta, optimizer, step or None for the limit) -> M, or None
+#: where it does not apply (the generic finite-n evaluation is used then)
+ClosedForm = Callable[[Probe, Optimizer, int | None], Tensor | None]
+#: the closed forms, by optimizer class (exactly: a subclass may change the scales)
+CLOSED_FORMS: dict[type[Optimizer], ClosedForm] = {}
+
+
+class NoClosedForm(ValueError):
+    """The n -> infinity limit was asked for an optimizer without a closed form."""
+
+
+def closed_form(*classes: type[Optimizer]) -> Callable[[ClosedForm], ClosedForm]:
+    """Register ``fn`` as the full-batch closed form of ``classes``."""
+
+    def register(fn: ClosedForm) -> ClosedForm:
+        for cls in classes:
+            CLOSED_FORMS[cls] = fn
+        return fn
+
+    return register
 
 
 def heavy_ball_coefficient(beta: float, step: int | None) -> float:
@@ -55,7 +83,20 @@ def adam_memory_weight(beta: float, step: int | None) -> float:
     return beta / (1 - beta) - (n + 1) * beta ** (n + 1) / (1 - beta ** (n + 1))
 
 
-def _adam_family(probe: Probe, opt: AdamW | NAdamW, step: int | None) -> Tensor:
+@closed_form(HeavyBall)
+def _heavy_ball(probe: Probe, opt: HeavyBall, step: int | None) -> Tensor:
+    """Lemma K.1: M = h c H g."""
+    return opt.lr * heavy_ball_coefficient(opt.beta, step) * probe.hessian_gradient()
+
+
+@closed_form(Nesterov)
+def _nesterov(probe: Probe, opt: Nesterov, step: int | None) -> Tensor:
+    """Nesterov's analogue of Lemma K.1: M = h c H g."""
+    return opt.lr * nesterov_coefficient(opt.beta, step) * probe.hessian_gradient()
+
+
+@closed_form(AdamW, NAdamW)
+def _adam_family(probe: Probe, opt: AdamW | NAdamW, step: int | None) -> Tensor | None:
     """Lemma K.2 (AdamW) and its NAdam analogue, both eps conventions.
 
     eps inside the sqrt (the paper's), with D = g^2 + eps:
@@ -64,8 +105,12 @@ def _adam_family(probe: Probe, opt: AdamW | NAdamW, step: int | None) -> Tensor:
         M = h (c1 a1 / (r + eps) - a2 r / (r + eps)^2) * H phi,   phi = g/(r + eps) + lambda theta
     derived the same way from d/dm2 [m1/(sqrt(m2)+eps)] = -m1/(2 sqrt(m2)(sqrt(m2)+eps)^2).
     c1 = 1 for AdamW, beta1 for NAdam (Appendix E: beta1^2 in place of beta1 in the limit).
-    Exact at finite n because bias correction makes F^(s)(theta) = phi for every s.
+    Exact at finite n because bias correction makes F^(s)(theta) = phi for every s. NAdam
+    with PyTorch's momentum schedule (``momentum_decay`` set) has no closed form at finite n
+    (None: the generic evaluation); its limit is the paper's, since mu_t -> beta1.
     """
+    if isinstance(opt, NAdamW) and opt.momentum_decay is not None and step is not None:
+        return None
     theta = probe.theta
     g = probe.full_grad()
     a1 = adam_memory_weight(opt.beta1, step)
@@ -82,6 +127,7 @@ def _adam_family(probe: Probe, opt: AdamW | NAdamW, step: int | None) -> Tensor:
     return opt.lr * coef * probe.full_hvp(phi)
 
 
+@closed_form(Lion)
 def _lion(probe: Probe, opt: Lion, step: int | None) -> Tensor:
     """Lemma K.3 and its bias-corrected variant (Appendix L); hess K diagonal.
 
@@ -127,17 +173,17 @@ def full_batch_correction(
     The full loss is ``L = mean_i L_i`` over ``batches``. ``step=None`` is the n -> infinity
     limit; ``step=n`` the exact value at step n. Closed forms: heavy ball (K.1), Nesterov,
     AdamW and NAdam (K.2, both eps conventions), Lion-K with eps > 0 (K.3, with or without
-    bias correction). NAdam with PyTorch's momentum schedule (``momentum_decay`` set) has no
-    closed form at finite n: Eq. (9) is then evaluated on the full batch repeated n+1 times
-    (its limit is the paper's, since mu_t -> beta1).
+    bias correction). Any other smooth optimizer (and NAdam with PyTorch's momentum schedule)
+    gets Eq. (9) on the full batch repeated n+1 times at finite n; its limit raises
+    :class:`NoClosedForm`.
     """
     require_smooth(optimizer)
-    if step is not None and (not is_integer(step) or step < 0):
-        raise ValueError(
-            f"step={step!r} is not allowed; step must be None (the limit) or an int >= 0"
+    if step is not None:
+        step = checks.integer(
+            "step", step, 0, allowed="step must be None (the limit) or an int >= 0"
         )
     problem = as_problem(model, loss_fn, batches)
-    return full_batch_prediction(problem, optimizer, None if step is None else int(step))
+    return full_batch_prediction(problem, optimizer, step)
 
 
 def full_batch_prediction(
@@ -149,22 +195,15 @@ def full_batch_prediction(
     built here if not given): one backward pass through its batch gradients' graph, and none
     for heavy ball and Nesterov once the probe holds H g (:meth:`Probe.hessian_gradient`).
     """
-    if isinstance(optimizer, NAdamW) and optimizer.momentum_decay is not None and step is not None:
-        data = [(problem.X.flatten(0, 1), problem.Y.flatten(0, 1))]
-        full = Problem(problem.model, problem.loss_fn, data).at(problem.theta)
-        return Probe(full).memory_correction(optimizer, [0] * (step + 1), tail_tol=0.0)
-    probe = probe if probe is not None else Probe(problem)
-    if isinstance(optimizer, HeavyBall):
-        c = heavy_ball_coefficient(optimizer.beta, step)
-    elif isinstance(optimizer, Nesterov):
-        c = nesterov_coefficient(optimizer.beta, step)
-    elif isinstance(optimizer, AdamW | NAdamW):
-        return _adam_family(probe, optimizer, step)
-    elif isinstance(optimizer, Lion):
-        return _lion(probe, optimizer, step)
-    else:
-        raise ValueError(
-            f"optimizer: no full-batch closed form for {type(optimizer).__name__}; "
-            "allowed: HeavyBall, Nesterov, AdamW, NAdamW, Lion"
+    form = CLOSED_FORMS.get(type(optimizer))
+    if form is not None:
+        M = form(probe if probe is not None else Probe(problem), optimizer, step)
+        if M is not None:
+            return M
+    if step is None:
+        raise NoClosedForm(
+            f"optimizer: {optimizer.name} has no closed full-batch limit (step=None); give a "
+            "finite step, or register one with noisemem.full_batch.closed_form"
         )
-    return optimizer.lr * c * probe.hessian_gradient()
+    full = Probe(problem.full_batch())
+    return correction_at(full, optimizer, [0] * (step + 1), tail_tol=0.0)

@@ -1,6 +1,6 @@
 """A fused CPU kernel for the window of Eq. (9) (momentum rows, Phi, suffix sums, scatter).
 
-The torch evaluation of the window (:mod:`noisemem.correction`) materialises every momentum
+The torch evaluation of the window (:func:`noisemem.window.dense`) materialises every momentum
 row, every ``F^(s)`` and every suffix sum as ``(K, d)`` arrays: coefficient matrices times
 the stacked sources, Phi elementwise, then coefficient matrices again. On a CPU each pass
 over those arrays costs about as much as the arithmetic, and the two matrix products per
@@ -21,14 +21,16 @@ with the scales c (signs folded in) and weights w (``beta_l^(n-s)``, zero where 
 own horizon ends) computed by the caller. The result ``w_{l,i}`` equals ``B_l @ F`` of the
 torch path; tests compare both with the literal Eq. (9).
 
-Which optimizers it covers is read off their type and checked against their momentum
-variables (:func:`form`): HeavyBall and Nesterov (Phi linear), AdamW and NAdamW (eps inside
-or outside the square root), soft-sign Lion. Anything else, a non-CPU tensor, a dtype other
-than float32/float64, numba missing, or a window whose buffers (:func:`buffer`) would exceed
-``correction.MAX_WINDOW_ELEMENTS``, uses the torch path. The kernel is compiled by numba
-on first use (a few seconds; cached on disk where numba finds a writable place) and runs on
-``min(torch.get_num_threads(), numba's threads)`` threads of numba's own ``workqueue`` pool
-(unless ``NUMBA_THREADING_LAYER`` says otherwise).
+Which optimizers it covers is read off their description (:func:`form`): a Phi with a
+:class:`~noisemem.optim.Form` of kind ``sum`` (heavy ball, Nesterov), ``adam`` (AdamW, NAdamW,
+RMSProp-like; eps inside or outside the square root) or ``soft_sign`` (Lion), over at most
+two gradient momenta (one of them memoryless), one squared-gradient momentum and one
+memoryless PARAM momentum. Anything else, a non-CPU tensor, a dtype other than
+float32/float64, numba missing, or a window whose buffers (:func:`buffer`) would exceed
+``window.MAX_WINDOW_ELEMENTS``, takes a torch strategy of :mod:`noisemem.window`. The
+kernel is compiled by numba on first use (a few seconds; cached on disk where numba finds a
+writable place) and runs on ``min(torch.get_num_threads(), numba's threads)`` threads of
+numba's own ``workqueue`` pool (unless ``NUMBA_THREADING_LAYER`` says otherwise).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov, Optimizer, Source
+from noisemem.optim import Optimizer, Source
 
 LINEAR, ADAM_EPS_IN, ADAM_EPS_OUT, LION = 0, 1, 2, 3
 #: aim for this many numbers of F per block of coordinates (its rows times the block width;
@@ -65,34 +67,38 @@ class Form:
 
 
 def form(optimizer: Optimizer) -> Form | None:
-    """The kernel's description of ``optimizer``, or None when the kernel does not cover it."""
-    kind_of = type(optimizer)
-    if kind_of is HeavyBall:
-        f = Form(LINEAR, 0, None, None, None, 0.0)
-    elif kind_of is Nesterov:
-        f = Form(LINEAR, 0, 1, None, None, 0.0)
-    elif kind_of in (AdamW, NAdamW):
-        kind = ADAM_EPS_IN if optimizer.eps_in_sqrt else ADAM_EPS_OUT  # type: ignore[attr-defined]
-        b = 3 if kind_of is NAdamW else None
-        f = Form(kind, 0, b, 1, 2, float(optimizer.eps))  # type: ignore[attr-defined]
-    elif kind_of is Lion and optimizer.eps is not None:  # type: ignore[attr-defined]
-        f = Form(LION, 0, 1, None, 2, float(optimizer.eps))  # type: ignore[attr-defined]
-    else:
+    """The kernel's description of ``optimizer`` read off its Phi's form and its momentum
+    variables, or None when the kernel does not cover it."""
+    phi = optimizer.form
+    if phi is None or phi.kind == "sign":
         return None
-    return f if _matches(f, optimizer) else None
-
-
-def _matches(f: Form, optimizer: Optimizer) -> bool:
-    """The slots agree with the variables (guards the kernel against a changed optimizer)."""
     v = optimizer.variables
-    grads = (Source.GRAD, Source.NEG_GRAD)
-    used = [i for i in (f.a, f.b, f.q, f.p) if i is not None]
-    return (
-        sorted(used) == list(range(len(v)))
-        and v[f.a].source in grads
-        and (f.b is None or (v[f.b].source in grads and v[f.b].beta == 0.0))
-        and (f.q is None or v[f.q].source is Source.GRAD_SQ)
-        and (f.p is None or (v[f.p].source is Source.PARAM and v[f.p].beta == 0.0))
+    grads = [l for l, x in enumerate(v) if x.source in (Source.GRAD, Source.NEG_GRAD)]
+    squares = [l for l, x in enumerate(v) if x.source is Source.GRAD_SQ]
+    params = [l for l, x in enumerate(v) if x.source is Source.PARAM]
+    # the gradient momentum with memory in slot a, a memoryless one in slot b
+    grads.sort(key=lambda l: v[l].beta == 0.0)
+    if not 1 <= len(grads) <= 2 or len(squares) > 1 or len(params) > 1:
+        return None
+    if len(grads) == 2 and v[grads[1]].beta != 0.0:
+        return None
+    if params and v[params[0]].beta != 0.0:
+        return None
+    kind = {"sum": LINEAR, "soft_sign": LION}.get(phi.kind)
+    if phi.kind == "adam":
+        if len(squares) != 1:
+            return None
+        kind = ADAM_EPS_IN if phi.eps_in_sqrt else ADAM_EPS_OUT
+    elif squares:  # a second moment that Phi does not use
+        return None
+    assert kind is not None
+    return Form(
+        kind,
+        grads[0],
+        grads[1] if len(grads) == 2 else None,
+        squares[0] if squares else None,
+        params[0] if params else None,
+        float(phi.eps),
     )
 
 

@@ -15,14 +15,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.func import grad_and_value
 
+from noisemem import checks
 from noisemem.problem import Batch, LossFn, Problem, as_problem
-
-
-def per_sample_problem(problem: Problem) -> Problem:
-    """The same samples, each its own batch of size one."""
-    X = problem.X.flatten(0, 1).unsqueeze(1)  # (N, 1, ...)
-    Y = problem.Y.flatten(0, 1).unsqueeze(1)
-    return Problem(problem.model, problem.loss_fn, list(zip(X, Y, strict=True))).at(problem.theta)
 
 
 def variance(problem: Problem, theta: Tensor) -> Tensor:
@@ -39,10 +33,9 @@ def noise_regularizer(
     per_sample: bool = False,
 ) -> tuple[float, Tensor]:
     """``(R, grad R)`` at the model's current parameters; ``grad R`` is flat ``(d,)``."""
-    if not isinstance(per_sample, bool):
-        raise ValueError(f"per_sample={per_sample!r} is not allowed; use True or False")
+    checks.flag("per_sample", per_sample)
     problem = as_problem(model, loss_fn, batches)
     if per_sample:
-        problem = per_sample_problem(problem)
+        problem = problem.per_sample()
     g, value = grad_and_value(lambda t: variance(problem, t))(problem.theta)
     return float(value), g.detach()

@@ -12,7 +12,6 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
@@ -114,6 +113,30 @@ class Problem:
         other.theta = theta.detach()
         return other
 
+    def samples(self) -> tuple[Tensor, Tensor]:
+        """Every sample the batches hold, ``X (N, ...)`` and ``Y (N, ...)``, N = m b."""
+        return self.X.flatten(0, 1), self.Y.flatten(0, 1)
+
+    def rebatched(self, rows: Tensor | Sequence[Sequence[int]]) -> Problem:
+        """The same samples in other batches: batch j holds the samples ``rows[j]`` (an
+        ``(m', b')`` index array); same model, loss, parameters and gradient layout when
+        the batch size is the same."""
+        X, Y = self.samples()
+        index = torch.as_tensor(rows, device=X.device)
+        layout = self._layout[0] if index.shape[1] == self.batch_size else None
+        fresh = Problem(
+            self.model, self.loss_fn, list(zip(X[index], Y[index], strict=True)), layout=layout
+        )
+        return fresh.at(self.theta)
+
+    def full_batch(self) -> Problem:
+        """Every sample in one batch (the full loss is unchanged: L = mean_i L_i)."""
+        return self.rebatched(torch.arange(self.X.shape[0] * self.batch_size)[None])
+
+    def per_sample(self) -> Problem:
+        """Every sample its own batch of size one (the per-sample analogue of the batches)."""
+        return self.rebatched(torch.arange(self.X.shape[0] * self.batch_size)[:, None])
+
     @property
     def num_batches(self) -> int:
         return self.X.shape[0]
@@ -213,68 +236,6 @@ class Problem:
 
         return vmap(hvp)(self.X[index], self.Y[index], vectors)
 
-    def summed_hvp(self, theta: Tensor, index: Tensor, vectors: Tensor) -> Tensor:
-        """``sum_p H_{index[p]}(theta) vectors[p]`` as one double backward:
-        ``grad_theta sum_p <g_{index[p]}(theta), vectors[p]>`` (THEORY §3)."""
-        X, Y = self.X[index], self.Y[index]
-
-        def pairing(t: Tensor) -> Tensor:
-            g = vmap(grad(self.loss), in_dims=(None, 0, 0))(t, X, Y)  # (k, d)
-            return (g * vectors).sum()
-
-        return grad(pairing)(theta)
-
-
-def is_integer(value: object) -> bool:
-    """An integer argument: a Python or numpy integer, not a bool (``True`` is not a count)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
-
 
 def as_problem(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Problem) -> Problem:
     return batches if isinstance(batches, Problem) else Problem(model, loss_fn, batches)
-
-
-_BOOLS = frozenset((bool, np.bool_))
-
-
-def sequence_array(sequence: Sequence[int] | Tensor | np.ndarray, num_batches: int) -> np.ndarray:
-    """:func:`check_sequence` as an int64 array; integer arrays and tensors are checked
-    without a Python loop (the engine takes one sequence per sampled order)."""
-    if isinstance(sequence, Tensor):
-        sequence = sequence.detach().cpu().numpy()
-    if isinstance(sequence, np.ndarray):
-        arr = sequence
-    else:  # a list of Python ints (numpy would take a bool among them as 0 or 1)
-        items = list(sequence)
-        arr = None
-        if not _BOOLS.intersection(map(type, items)):
-            try:
-                arr = np.asarray(items)
-            except (TypeError, ValueError):
-                arr = None
-    if arr is not None and arr.ndim == 1 and arr.dtype.kind in "iu" and arr.size:
-        if 0 <= arr.min() and arr.max() < num_batches:
-            return arr.astype(np.int64, copy=False)
-    return np.asarray(check_sequence(sequence, num_batches), dtype=np.int64)
-
-
-def check_sequence(sequence: Sequence[int] | Tensor, num_batches: int) -> list[int]:
-    """Validate a batch sequence: non-empty, integer indices in ``[0, num_batches)``."""
-    seq = sequence.tolist() if isinstance(sequence, Tensor) else list(sequence)
-    if len(seq) == 0:
-        raise ValueError("sequence: got an empty batch sequence; give at least one batch index")
-    for j, i in enumerate(seq):
-        if not is_integer(i):
-            try:  # integral floats (2.0) are taken; bools are not indices
-                ok = int(i) == i and not isinstance(i, bool | np.bool_)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"sequence[{j}]={i!r} is not an integer batch index")
-            i = int(i)
-        if not 0 <= i < num_batches:
-            raise ValueError(
-                f"sequence[{j}]={i} is out of range; batch indices must lie in "
-                f"[0, {num_batches}) (there are {num_batches} batches)"
-            )
-    return [int(i) for i in seq]

@@ -12,6 +12,7 @@ never forms that difference: the error of the variance stays relative to the var
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -93,3 +94,10 @@ class Moments:
     def stderr(self) -> Tensor:
         """Standard error of the mean, per coordinate: sqrt(variance / count)."""
         return torch.sqrt(self.variance / self.count)
+
+
+def cosine(a: A, b: A) -> float:
+    """``<a, b> / (|a| |b|)`` of two vectors (torch or numpy), NaN when either is zero."""
+    na = float((a * a).sum()) ** 0.5  # type: ignore[operator]
+    nb = float((b * b).sum()) ** 0.5  # type: ignore[operator]
+    return float((a * b).sum()) / (na * nb) if na > 0 and nb > 0 else math.nan  # type: ignore[operator]

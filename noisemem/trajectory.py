@@ -12,21 +12,35 @@ distances at every step (the paper's Figure 1 measurement).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from noisemem.correction import (
-    TAIL_TOL,
-    Probe,
-    check_correction_args,
-    require_optimizer,
-    require_smooth,
-)
-from noisemem.optim import Optimizer
-from noisemem.problem import Batch, LossFn, Problem, as_problem, is_integer, sequence_array
+from noisemem import checks
+from noisemem.correction import check_correction_args, correction_at
+from noisemem.memory import TAIL_TOL
+from noisemem.optim import Optimizer, require_optimizer, require_smooth
+from noisemem.probe import Probe
+from noisemem.problem import Batch, LossFn, as_problem
+
+
+def memoryful_steps(
+    optimizer: Optimizer, theta: Tensor, gradient: Callable[[int, Tensor], Tensor], steps: int
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Iteration (1) from ``theta^(0) = theta``: yields ``(n, g^(n), theta^(n+1))`` for
+    n = 0..steps-1, where ``g^(n) = gradient(n, theta^(n))`` is the gradient step n uses.
+
+    The one memoryful iteration of noisemem: runs, a study's ensembles (``theta`` then holds
+    one row per run, ``(P, d)``: the optimizer's update is elementwise) and its full-batch
+    reference runs all take their steps here."""
+    state = optimizer.init(theta)
+    for n in range(steps):
+        g = gradient(n, theta)
+        F, state = optimizer.update(g, state, theta)
+        theta = theta - optimizer.lr * F
+        yield n, g, theta
 
 
 @dataclass(frozen=True)
@@ -38,14 +52,12 @@ class Run:
     diverged_at: int | None = None
 
 
-def _run(problem: Problem, steps: int, advance) -> Run:
-    theta = problem.theta.clone()
+def _run(theta0: Tensor, iterates: Iterator[tuple[int, Tensor]], steps: int) -> Run:
     out = torch.full(
-        (steps + 1, theta.numel()), float("nan"), dtype=theta.dtype, device=theta.device
+        (steps + 1, theta0.numel()), float("nan"), dtype=theta0.dtype, device=theta0.device
     )
-    out[0] = theta
-    for n in range(steps):
-        theta = advance(n, theta)
+    out[0] = theta0
+    for n, theta in iterates:
         if not bool(torch.isfinite(theta).all()):
             return Run(out, diverged_at=n + 1)
         out[n + 1] = theta
@@ -62,16 +74,13 @@ def memoryful_run(
     """Iteration (1) from the model's current parameters over ``sequence``."""
     require_optimizer(optimizer)
     problem = as_problem(model, loss_fn, batches)
-    seq = sequence_array(sequence, problem.num_batches)
-    state = optimizer.init(problem.theta)
+    seq = checks.sequence_array(sequence, problem.num_batches)
 
-    def advance(n: int, theta: Tensor) -> Tensor:
-        nonlocal state
-        g = problem.batch_grads(theta, torch.tensor([seq[n]], device=theta.device))[0]
-        F, state = optimizer.update(g, state, theta)
-        return theta - optimizer.lr * F
+    def gradient(n: int, theta: Tensor) -> Tensor:
+        return problem.batch_grads(theta, torch.tensor([seq[n]], device=theta.device))[0]
 
-    return _run(problem, len(seq), advance)
+    steps = memoryful_steps(optimizer, problem.theta, gradient, len(seq))
+    return _run(problem.theta, ((n, theta) for n, _, theta in steps), len(seq))
 
 
 def memoryless_run(
@@ -85,23 +94,26 @@ def memoryless_run(
     tail_tol: float = TAIL_TOL,
 ) -> Run:
     """Iteration (4) (``order=2``) or its first-order version (``order=1``)."""
-    if not is_integer(order) or order not in (1, 2):
-        raise ValueError(f"order={order!r} is not allowed; use 1 or 2")
+    if not checks.is_integer(order) or order not in (1, 2):
+        raise checks.not_allowed("order", order, "use 1 or 2")
     if order == 2:
-        check_correction_args(optimizer, tail_tol, "auto")
+        check_correction_args(optimizer, tail_tol, "double_backward")
     else:
         require_optimizer(optimizer)
     problem = as_problem(model, loss_fn, batches)
-    seq = sequence_array(sequence, problem.num_batches)
+    seq = checks.sequence_array(sequence, problem.num_batches)
 
-    def advance(n: int, theta: Tensor) -> Tensor:
-        probe = Probe(problem, theta)
-        step = probe.direction(optimizer, seq[: n + 1])
-        if order == 2:
-            step = step + probe.memory_correction(optimizer, seq[: n + 1], tail_tol=tail_tol)
-        return theta - optimizer.lr * step
+    def iterates() -> Iterator[tuple[int, Tensor]]:
+        theta = problem.theta
+        for n in range(len(seq)):
+            probe = Probe(problem, theta)
+            step = probe.direction(optimizer, seq[: n + 1])
+            if order == 2:
+                step = step + correction_at(probe, optimizer, seq[: n + 1], tail_tol=tail_tol)
+            theta = theta - optimizer.lr * step
+            yield n, theta
 
-    return _run(problem, len(seq), advance)
+    return _run(problem.theta, iterates(), len(seq))
 
 
 @dataclass(frozen=True)
@@ -125,7 +137,7 @@ def trajectories(
     """Run (1), the first-order and the second-order memoryless iterations over ``sequence``."""
     require_smooth(optimizer)  # every argument checked before the first run starts
     problem = as_problem(model, loss_fn, batches)
-    sequence_array(sequence, problem.num_batches)
+    checks.sequence_array(sequence, problem.num_batches)
     full = memoryful_run(model, loss_fn, problem, optimizer, sequence)
     first = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=1)
     second = memoryless_run(model, loss_fn, problem, optimizer, sequence, order=2)

@@ -279,7 +279,7 @@ def test_rayjob_runs_a_study_on_every_gpu_worker() -> None:
     can grow to (the head has no CPUs, so actors = 0 would start one), and an output every
     node can write (a URI, not a path on one node's disk)."""
     from noisemem.cli import build_parser
-    from noisemem.spec import StudySpec
+    from noisemem.studies.spec import StudySpec
 
     spec = by_kind("RayJob")["spec"]
     argv = shlex.split(spec["entrypoint"])

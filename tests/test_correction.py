@@ -11,11 +11,13 @@ from conftest import Tiny, make_tiny, rel_err
 from oracles import literal_correction
 from torch import nn
 
-import noisemem.correction as correction
 import noisemem.fused as fused
+import noisemem.window as windows
 from noisemem import memory_correction
-from noisemem.correction import Probe, tail_ratio, truncation_horizon
+from noisemem.correction import correction_at
+from noisemem.memory import decay_filter, tail_ratio, truncation_horizon
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov
+from noisemem.probe import Probe
 from noisemem.problem import Problem
 
 OPTIMIZERS = {
@@ -102,20 +104,18 @@ PATHS = [
 
 
 @pytest.mark.parametrize("opt, path", PATHS, ids=[f"{o}-{p}" for o, p in PATHS])
-def test_every_evaluation_path_matches_literal_eq9(monkeypatch, opt, path):
+def test_every_evaluation_path_matches_literal_eq9(opt, path):
     """linear: scalar coefficients + one summed HVP (heavy ball, Nesterov); fused: the CPU
     kernel of noisemem.fused; dense: coefficient matrices times stacked sources; streamed: a
     recurrence per step (many distinct batches)."""
     optimizer = OPTIMIZERS[opt]
-    hvp = "auto" if path == "linear" else "vmap"
+    hvp = "double_backward" if path == "linear" else "vmap"
     assert fused.usable(optimizer, torch.zeros(1, dtype=torch.float64))
-    if path in ("dense", "streamed"):
-        monkeypatch.setattr(correction, "FUSED", False)
-    if path == "streamed":
-        monkeypatch.setattr(correction, "DENSE_MAX_BATCHES", 0)
     tiny = make_tiny("gelu_mlp")
     seq = SEQUENCES["two_epochs"] + SEQUENCES["repeats"]
-    ours = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, hvp=hvp)
+    ours = memory_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, hvp=hvp, window=path
+    )
     literal = literal_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, tiny.theta)
     assert rel_err(ours, literal) < 1e-9
 
@@ -126,18 +126,16 @@ def test_blocked_window_equals_single_block(monkeypatch, opt, dense):
     """Long windows are streamed in blocks (two passes); the result must not change."""
     tiny = make_tiny("gelu_mlp")
     seq = SEQUENCES["two_epochs"] * 2
-    monkeypatch.setattr(correction, "FUSED", False)  # the torch paths are the ones in blocks
+    window = "dense" if dense else "streamed"  # the torch paths are the ones in blocks
     whole = memory_correction(
-        tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, hvp="vmap"
+        tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, hvp="vmap", window=window
     )
     d = tiny.theta.numel()
-    if not dense:
-        monkeypatch.setattr(correction, "DENSE_MAX_BATCHES", 0)
     # rows x d summed over the variables: 3 rows per block for AdamW, 9 for heavy ball;
     # either way the 16-step window is split
-    monkeypatch.setattr(correction, "MAX_WINDOW_ELEMENTS", 3 * 3 * d)
+    monkeypatch.setattr(windows, "MAX_WINDOW_ELEMENTS", 3 * 3 * d)
     blocked = memory_correction(
-        tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, hvp="vmap"
+        tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, hvp="vmap", window=window
     )
     literal = literal_correction(
         tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS[opt], seq, tiny.theta
@@ -286,12 +284,12 @@ PROBE_CASES = [(c, n) for c, n in BAD_INPUT if n != "batches"]
 
 @pytest.mark.parametrize("case, needle", PROBE_CASES, ids=[c for c, _ in PROBE_CASES])
 def test_a_probe_checks_its_arguments_too(case, needle):
-    """The studies and trajectories call :meth:`Probe.memory_correction` directly: the same
+    """The studies and trajectories call :func:`correction_at` on a probe directly: the same
     checks hold there (a negative index used to wrap around, a fractional one to be cut)."""
     model, loss_fn, batches, opt, seq, kw = bad_input(case)
     probe = Probe(Problem(model, loss_fn, batches))
     with pytest.raises(ValueError) as err:
-        probe.memory_correction(opt, seq, **kw)
+        correction_at(probe, opt, seq, **kw)
     assert needle in str(err.value)
     if needle.startswith(("optimizer", "sequence")):
         with pytest.raises(ValueError, match=r"optimizer|sequence"):
@@ -303,11 +301,11 @@ def test_integer_arrays_are_checked_without_a_loop_and_give_the_same_result():
     opt = OPTIMIZERS["adamw_eps_in_sqrt"]
     seq = SEQUENCES["two_epochs"]
     probe = Probe(Problem(tiny.model, tiny.loss_fn, tiny.batches))
-    as_list = probe.memory_correction(opt, seq)
+    as_list = correction_at(probe, opt, seq)
     for form in (np.asarray(seq, dtype=np.int32), torch.tensor(seq)):
-        assert torch.equal(probe.memory_correction(opt, form), as_list)
+        assert torch.equal(correction_at(probe, opt, form), as_list)
     with pytest.raises(ValueError, match=r"sequence\[2\]=4"):
-        probe.memory_correction(opt, np.array([0, 1, 4, 2]))
+        correction_at(probe, opt, np.array([0, 1, 4, 2]))
 
 
 def dead_input_twins() -> tuple[Tiny, Tiny, list[int], list[int]]:
@@ -335,7 +333,7 @@ def dead_input_twins() -> tuple[Tiny, Tiny, list[int], list[int]]:
 
 @pytest.mark.parametrize("path", ["fused", "torch", "vmap"])
 @pytest.mark.parametrize("name", ["adamw", "nadamw"])
-def test_adam_eps_outside_the_sqrt_is_finite_on_a_dead_input_feature(monkeypatch, name, path):
+def test_adam_eps_outside_the_sqrt_is_finite_on_a_dead_input_feature(name, path):
     """Where a coordinate's gradient is 0 in every batch (the digits' always-zero pixels),
     m2 = 0 and sqrt'(0) is infinite; the step m1/(sqrt(m2)+eps) is still smooth there (m1 =
     0 too), and those weights' M is 0, since their F is identically 0 near theta. The other
@@ -344,9 +342,11 @@ def test_adam_eps_outside_the_sqrt_is_finite_on_a_dead_input_feature(monkeypatch
     opt = cls(0.01, 0.8, 0.95, 1e-3, eps_in_sqrt=False)
     wide, narrow, kept, dead = dead_input_twins()
     seq = SEQUENCES["two_epochs"]
-    monkeypatch.setattr(correction, "FUSED", path == "fused")
-    hvp = "vmap" if path == "vmap" else "auto"
-    M = memory_correction(wide.model, wide.loss_fn, wide.batches, opt, seq, tail_tol=0, hvp=hvp)
+    window = "fused" if path == "fused" else "dense"
+    hvp = "vmap" if path == "vmap" else "double_backward"
+    M = memory_correction(
+        wide.model, wide.loss_fn, wide.batches, opt, seq, tail_tol=0, hvp=hvp, window=window
+    )
     literal = literal_correction(
         narrow.model, narrow.loss_fn, narrow.batches, opt, seq, narrow.theta
     )
@@ -368,7 +368,7 @@ class WithUnused(nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize("hvp", ["auto", "vmap"])
+@pytest.mark.parametrize("hvp", ["double_backward", "vmap"])
 @pytest.mark.parametrize("opt", ["heavy_ball", "adamw_eps_in_sqrt"])
 def test_a_parameter_the_loss_never_uses_gets_zero_correction(opt, hvp):
     """Its gradient is identically 0, so no history term reaches it (weight decay has no
@@ -428,10 +428,10 @@ def test_fused_kernel_in_coordinate_blocks_matches_torch_and_literal(monkeypatch
     monkeypatch.setattr(fused, "_kernel", forced)
 
     def both(model, batches):
-        a = memory_correction(model, tiny.loss_fn, batches, optimizer, seq, hvp="vmap")
-        with monkeypatch.context() as patch:
-            patch.setattr(correction, "FUSED", False)
-            b = memory_correction(model, tiny.loss_fn, batches, optimizer, seq, hvp="vmap")
+        a, b = (
+            memory_correction(model, tiny.loss_fn, batches, optimizer, seq, hvp="vmap", window=w)
+            for w in ("fused", "dense")
+        )
         return a, b
 
     ours, torch_path = both(tiny.model, tiny.batches)
@@ -469,7 +469,7 @@ def test_fused_kernel_compiles_where_numba_cannot_cache(monkeypatch):
     assert torch.equal(again, expected)
 
 
-def test_every_path_truncates_each_variable_at_its_own_horizon(monkeypatch):
+def test_every_path_truncates_each_variable_at_its_own_horizon():
     """With tail_tol > 0 and a window starting after step 0, beta1 = 0.5 keeps ~30 terms and
     beta2 = 0.9 ~300: the three implementations (fused kernel, torch dense, torch streamed)
     must drop exactly the same terms (float64, 1e-12), and something must be dropped."""
@@ -480,19 +480,19 @@ def test_every_path_truncates_each_variable_at_its_own_horizon(monkeypatch):
     n = len(seq) - 1
     assert 1 < truncation_horizon(0.5, tol, n) < truncation_horizon(0.9, tol, n) < n
 
-    def correction_via(fused_on: bool, dense_max: int) -> torch.Tensor:
-        with monkeypatch.context() as patch:
-            patch.setattr(correction, "FUSED", fused_on)
-            patch.setattr(correction, "DENSE_MAX_BATCHES", dense_max)
-            return memory_correction(
-                tiny.model, tiny.loss_fn, tiny.batches, opt, seq, tail_tol=tol, hvp="vmap"
-            )
+    def correction_via(window: str) -> torch.Tensor:
+        return memory_correction(
+            tiny.model,
+            tiny.loss_fn,
+            tiny.batches,
+            opt,
+            seq,
+            tail_tol=tol,
+            hvp="vmap",
+            window=window,
+        )
 
-    paths = {
-        "fused": correction_via(True, 256),
-        "dense": correction_via(False, 256),
-        "streamed": correction_via(False, 0),
-    }
+    paths = {w: correction_via(w) for w in ("fused", "dense", "streamed")}
     assert rel_err(paths["fused"], paths["dense"]) < 1e-12
     assert rel_err(paths["streamed"], paths["dense"]) < 1e-12
     untruncated = memory_correction(
@@ -512,7 +512,7 @@ def test_decay_filter_is_the_first_order_recurrence(beta, rows):
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 5))
     init = rng.standard_normal(5)
-    y = correction.decay_filter(x, beta, init)
+    y = decay_filter(x, beta, init)
     prev, want = init, np.empty_like(x)
     for r in range(rows):
         prev = x[r] + beta * prev
@@ -520,6 +520,6 @@ def test_decay_filter_is_the_first_order_recurrence(beta, rows):
     assert np.abs(y - want).max() <= 1e-13 * np.abs(want).max()
     ref = lfilter([1.0], [1.0, -beta], x, axis=0, zi=beta * init[None, :])[0]
     assert np.abs(y - ref).max() <= 1e-13 * np.abs(ref).max()
-    one = correction.decay_filter(x[:, 0], beta)
+    one = decay_filter(x[:, 0], beta)
     assert one.shape == (rows,)
     assert np.abs(one - lfilter([1.0], [1.0, -beta], x[:, 0])).max() <= 1e-13 * np.abs(one).max()

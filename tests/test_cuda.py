@@ -12,11 +12,10 @@ import math
 import pytest
 import torch
 from conftest import make_tiny, rel_err
+from test_chunk import small_spec
 from test_correction import OPTIMIZERS, SEQUENCES
-from test_study import small_spec
 from torch import Tensor
 
-import noisemem.correction as correction
 from noisemem import (
     expected_correction,
     full_batch_correction,
@@ -24,13 +23,13 @@ from noisemem import (
     noise_regularizer,
     trajectories,
 )
-from noisemem.data import prepare
-from noisemem.study import Context, predictions, run_chunk
+from noisemem.studies.chunk import Context, predictions, run_chunk
+from noisemem.studies.data import prepare
 
 NUMERIC_COLUMNS = ("norm", "linf", "full_batch_norm", "proj_full_batch", "cos_full_batch")
 
 
-def engine_outputs(device: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Tensor]:
+def engine_outputs(device: str) -> dict[str, Tensor]:
     """Every public engine result for the tiny GELU MLP on ``device``, flat, by name."""
     tiny = make_tiny("gelu_mlp")
     model = tiny.model.to(device)
@@ -45,12 +44,11 @@ def engine_outputs(device: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, Te
             out[f"full_batch/{name}/{step}"] = full_batch_correction(
                 model, loss_fn, batches, opt, step=step
             )
-    with monkeypatch.context() as patch:  # the streamed window (many batches) and no fusion
-        patch.setattr(correction, "DENSE_MAX_BATCHES", 0)
-        patch.setattr(correction, "FUSED", False)
-        for name in ("heavy_ball", "adamw_eps_in_sqrt"):
-            opt = OPTIMIZERS[name]
-            out[f"M/{name}/streamed"] = memory_correction(model, loss_fn, batches, opt, seq)
+    for name in ("heavy_ball", "adamw_eps_in_sqrt"):  # the streamed window (many batches)
+        opt = OPTIMIZERS[name]
+        out[f"M/{name}/streamed"] = memory_correction(
+            model, loss_fn, batches, opt, seq, window="streamed"
+        )
     for name in ("heavy_ball", "nesterov"):
         for sampling in ("permute", "reshuffle", "replacement"):
             e = expected_correction(
@@ -110,9 +108,9 @@ def assert_same(a: dict[str, Tensor], b: dict[str, Tensor], tol: float) -> None:
         assert rel_err(x[finite], y[finite]) <= tol, (key, rel_err(x[finite], y[finite]))
 
 
-def test_device_comparison_runs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_device_comparison_runs_on_cpu() -> None:
     """The harness of the CUDA test, on the CPU twice: every path runs and is repeatable."""
-    first, second = engine_outputs("cpu", monkeypatch), engine_outputs("cpu", monkeypatch)
+    first, second = engine_outputs("cpu"), engine_outputs("cpu")
     # per optimizer: 2 corrections + 2 full-batch; 2 streamed; 2 x 3 exact E (mean and
     # both parts); Monte Carlo mean and stderr; 2 x 2 noise; 2 x 2 trajectories
     assert len(first) == 4 * len(OPTIMIZERS) + 2 + 18 + 2 + 4 + 4
@@ -126,10 +124,8 @@ def test_device_comparison_runs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_every_engine_path_and_a_study_chunk_match_on_cuda(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    cpu, gpu = engine_outputs("cpu", monkeypatch), engine_outputs("cuda", monkeypatch)
+def test_every_engine_path_and_a_study_chunk_match_on_cuda() -> None:
+    cpu, gpu = engine_outputs("cpu"), engine_outputs("cuda")
     for key, t in gpu.items():
         if not key.startswith("noise/") or key.endswith("grad"):
             assert t.is_cuda, key

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from noisemem.data import prepare, split_batches
-from noisemem.models import SmallCNN, build_model
+from noisemem.studies.data import prepare, split_batches
+from noisemem.studies.models import SmallCNN, build_model
 
 
 def test_digits_are_the_real_embedded_images():

@@ -9,10 +9,10 @@ from conftest import make_tiny, rel_err
 from oracles import batch_gradient, flat_loss, literal_correction
 
 from noisemem import expected_correction, full_batch_correction, memory_correction
-from noisemem.correction import Probe
 from noisemem.expectation import exact_expectation
 from noisemem.full_batch import full_batch_prediction, heavy_ball_coefficient, nesterov_coefficient
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov
+from noisemem.probe import Probe
 from noisemem.problem import Problem
 
 CLOSED_FORMS = {

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noisemem.store import SCHEMAS, load
+from noisemem.studies.schema import SCHEMAS
+from noisemem.studies.store import load
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,10 +7,11 @@ import torch
 from conftest import Tiny, make_tiny, rel_err
 from torch import Tensor, nn
 
-from noisemem.correction import Probe
-from noisemem.models import SmallCNN
+from noisemem.correction import correction_at
 from noisemem.optim import AdamW, HeavyBall
+from noisemem.probe import Probe
 from noisemem.problem import GradLayout, Problem, storage_order
+from noisemem.studies.models import SmallCNN
 
 
 def identity_layout(problem: Problem) -> GradLayout:
@@ -94,7 +95,7 @@ def test_probe_is_the_same_in_any_order(name: str) -> None:
     seq = [0, 2, 1, 1, 0, 2]
     for opt in (HeavyBall(0.1, 0.9), AdamW(1e-3, 0.9, 0.999, 1e-8, 0.01)):
         assert rel_err(a.direction(opt, seq), b.direction(opt, seq)) < 1e-13
-        assert rel_err(a.memory_correction(opt, seq), b.memory_correction(opt, seq)) < 1e-12
+        assert rel_err(correction_at(a, opt, seq), correction_at(b, opt, seq)) < 1e-12
 
 
 def test_views_at_other_parameters_share_one_layout() -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from noisemem.optim import AdamW, HeavyBall
-from noisemem.spec import SpecError, StudySpec
+from noisemem.studies.plan import Chunks
+from noisemem.studies.spec import SpecError, StudySpec
+from noisemem.studies.store import legacy_digest, same_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +43,8 @@ def test_grid_expands_in_a_stable_order_with_ids():
     assert spec.configs[1].optimizer == HeavyBall(0.1, 0.9)
     assert spec.configs[3].optimizer.beta2 == 0.999
     assert len({c.id for c in spec.configs}) == 4
-    assert spec.num_chunks == 3 and list(spec.chunk_indices(2)) == [8, 9]
+    chunks = Chunks.of(spec)
+    assert chunks.count == 3 and list(chunks.indices(2)) == [8, 9]
 
 
 @pytest.mark.parametrize(
@@ -152,7 +155,7 @@ def test_equivalent_specs_have_the_same_digest(tmp_path):
         assert b.digest == a.digest
     # the store's study.toml (the resolved spec) reloads to the same digest
     stored = tmp_path / "study.toml"
-    stored.write_text(tomli_w.dumps(a.to_toml_dict()))
+    stored.write_text(tomli_w.dumps(a.as_dict()))
     assert StudySpec.from_toml(stored).digest == a.digest
     # config ids name the store's parts: the same grid keys in another order differ
     reordered = with_("model.hidden", 128)
@@ -209,21 +212,21 @@ dtype = "float32"
 
 def test_a_store_with_a_legacy_digest_holds_the_same_study_when_its_spec_resolves_equal():
     base = StudySpec.from_dict(BASE)
-    assert base.legacy_digest == LEGACY_DIGEST and base.digest != LEGACY_DIGEST
+    assert legacy_digest(base) == LEGACY_DIGEST and base.digest != LEGACY_DIGEST
     equivalent = with_("optimizers.0.lr", [0.1])  # the old digest hashed this as written
     spec = StudySpec.from_dict(equivalent)
-    assert spec.legacy_digest != LEGACY_DIGEST
-    assert base.same_study(LEGACY_DIGEST, LEGACY_STUDY_TOML)
-    assert spec.same_study(LEGACY_DIGEST, LEGACY_STUDY_TOML)
-    assert spec.same_study(spec.digest)  # a store written by this noisemem
+    assert legacy_digest(spec) != LEGACY_DIGEST
+    assert same_study(base, LEGACY_DIGEST, LEGACY_STUDY_TOML)
+    assert same_study(spec, LEGACY_DIGEST, LEGACY_STUDY_TOML)
+    assert same_study(spec, spec.digest)  # a store written by this noisemem
     # another study, a study.toml that is not what the digest was made of, or none: refused
     other = StudySpec.from_dict(with_("training.epochs", 3))
-    assert not other.same_study(LEGACY_DIGEST, LEGACY_STUDY_TOML)
+    assert not same_study(other, LEGACY_DIGEST, LEGACY_STUDY_TOML)
     tampered = LEGACY_STUDY_TOML.replace("epochs = 2", "epochs = 3")
-    assert not other.same_study(LEGACY_DIGEST, tampered)
-    assert not spec.same_study(LEGACY_DIGEST, None)
-    assert not spec.same_study(LEGACY_DIGEST, "name = [unclosed")
-    assert not spec.same_study(None, LEGACY_STUDY_TOML)
+    assert not same_study(other, LEGACY_DIGEST, tampered)
+    assert not same_study(spec, LEGACY_DIGEST, None)
+    assert not same_study(spec, LEGACY_DIGEST, "name = [unclosed")
+    assert not same_study(spec, None, LEGACY_STUDY_TOML)
 
 
 def test_relative_output_is_made_absolute():

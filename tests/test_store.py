@@ -8,7 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from noisemem.store import MOMENTS_V1, SCHEMA_VERSION, SCHEMAS, Store, load, merged_moments
+from noisemem.analysis.compare import merged_moments
+from noisemem.studies.schema import MOMENTS_V1, SCHEMA_VERSION, SCHEMAS
+from noisemem.studies.store import Store, load
 
 
 def runs_rows(config: str, chunk: int, perms: list[int], status: str = "ok") -> list[dict]:

@@ -10,10 +10,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from noisemem import runtime
-from noisemem.runtime import launch
-from noisemem.spec import SpecError, StudySpec
-from noisemem.store import SCHEMA_VERSION, SCHEMAS, Store, load
+from noisemem.studies import devices, driver, rows
+from noisemem.studies.driver import launch
+from noisemem.studies.plan import Chunks, Item
+from noisemem.studies.schema import SCHEMA_VERSION, SCHEMAS
+from noisemem.studies.spec import SpecError, StudySpec
+from noisemem.studies.store import (
+    IncompleteStoreError,
+    Store,
+    legacy_digest,
+    load,
+    location,
+    study_toml,
+)
 
 TIMING = ["seconds", "worker"]
 
@@ -91,7 +100,7 @@ def test_bad_spec_fails_before_any_actor_starts(ray_local, tmp_path, monkeypatch
     def no_actors(*args, **kwargs):
         raise AssertionError("an actor was started")
 
-    monkeypatch.setattr(runtime.StudyHandle, "_start_actors", no_actors)
+    monkeypatch.setattr(driver.Pool, "start", no_actors)
     bad = spec_at(tmp_path / "bad", training={**RAW["training"], "batch_size": 500})
     with pytest.raises(SpecError, match=r"training.batch_size=500"):
         launch(bad)
@@ -105,13 +114,11 @@ def test_another_study_in_the_same_output_is_refused(ray_local, tmp_path):
 
 
 def test_failed_chunks_run_again_on_resume_and_uris_work(ray_local, tmp_path):
-    from noisemem import study
-
     spec = spec_at(f"file://{tmp_path / 'uri'}")
     path = launch(spec, actors=2, log=io.StringIO()).wait(timeout=600)
     store = Store(path)
     config = spec.configs[0]
-    store.write_part("runs", config.id, 0, study.failed_chunk_rows(spec, config, 0, "boom", "w"))
+    store.write_part("runs", config.id, 0, rows.failed_chunk_rows(spec, config, 0, "boom", "w"))
     assert not store.chunk_done(config.id, 0)
     handle = launch(spec, actors=2, log=io.StringIO())
     assert handle.progress.done == 12 - 2
@@ -135,7 +142,7 @@ def test_bad_model_fails_before_any_actor_starts(ray_local, tmp_path, monkeypatc
     def no_actors(*args, **kwargs):
         raise AssertionError("an actor was started")
 
-    monkeypatch.setattr(runtime.StudyHandle, "_start_actors", no_actors)
+    monkeypatch.setattr(driver.Pool, "start", no_actors)
     bad = spec_at(
         tmp_path / "badmodel", model={"kind": "torch.nn:Linear", "kwargs": {"bias": True}}
     )
@@ -157,8 +164,8 @@ class FakeActor:
     (``write=False``: it claims success and writes nothing, like an actor on another node
     writing a local path)."""
 
-    def __init__(self, handle, script, write=True):
-        self.handle, self.script, self.write = handle, script, write
+    def __init__(self, spec, store, script, write=True):
+        self.spec, self.store, self.script, self.write = spec, store, script, write
 
         class Method:
             def __init__(self, fn):
@@ -171,23 +178,21 @@ class FakeActor:
         outcome = self.script.pop(0)
         if isinstance(outcome, Exception):
             return FakeRef(outcome)
-        from noisemem import study
-
-        spec, store = self.handle.spec, self.handle.store
+        spec, store = self.spec, self.store
         config = spec.configs[ci]
         if chunk is None:
             if self.write:
                 store.write_part("predictions", config.id, None, [])
             return FakeRef(config.id)
         if self.write:
-            rows = [study.run_row(spec, config, chunk, p) for p in spec.chunk_indices(chunk)]
-            store.write_part("runs", config.id, chunk, rows)
+            written = [rows.run_row(spec, config, chunk, p) for p in Chunks.of(spec).indices(chunk)]
+            store.write_part("runs", config.id, chunk, written)
         return FakeRef({"status": "ok"})
 
 
-def fake_handle(monkeypatch, tmp_path, script, actors=1, write=True):
-    """A StudyHandle whose driver loop talks to FakeActors (no Ray): 1 config, 2 chunks."""
-    import threading
+def fake_handle(monkeypatch, tmp_path, script, actors=1, write=True, chunks=(0, 1)):
+    """A StudyHandle whose driver loop talks to FakeActors (no Ray): 1 config, 2 chunks
+    (or the ``chunks`` given), the config's predictions first."""
 
     def fake_get(ref):
         if isinstance(ref, list):
@@ -196,30 +201,23 @@ def fake_handle(monkeypatch, tmp_path, script, actors=1, write=True):
             raise ref.outcome
         return ref.outcome
 
-    monkeypatch.setattr(runtime.ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
-    monkeypatch.setattr(runtime.ray, "get", fake_get)
-    monkeypatch.setattr(runtime.ray, "kill", lambda actor: None)
+    monkeypatch.setattr(driver.ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
+    monkeypatch.setattr(driver.ray, "get", fake_get)
+    monkeypatch.setattr(driver.ray, "kill", lambda actor: None)
     training = {**RAW["training"], "permutations": 4}
     spec = spec_at(tmp_path / "fake", optimizers=RAW["optimizers"][:1], training=training)
-    handle = object.__new__(runtime.StudyHandle)
-    handle.spec = spec
-    handle.path = spec.output
-    handle.store = Store(spec.output)
-    handle.store.write_manifest({"schema_version": SCHEMA_VERSION})
-    handle.log = io.StringIO()
-    handle._error = None
-    handle._done = threading.Event()
-    handle._todo = [(0, 0), (0, 1)]
-    handle._per_chunk = {0: 2, 1: 2}
-    handle.progress = runtime.Progress(total=4)
-    handle._actors = [FakeActor(handle, script, write) for _ in range(actors)]
-    handle.new_actors = []
+    store = Store(spec.output)
+    store.write_manifest({"schema_version": SCHEMA_VERSION})
+    new_actors = []
 
     def new_actor():
-        handle.new_actors.append(FakeActor(handle, script, write))
-        return handle.new_actors[-1]
+        new_actors.append(FakeActor(spec, store, script, write))
+        return new_actors[-1]
 
-    handle._new_actor = new_actor
+    pool = driver.Pool([FakeActor(spec, store, script, write) for _ in range(actors)], new_actor)
+    items = [Item(0)] + [Item(0, c) for c in chunks]
+    handle = driver.StudyHandle(spec, store, pool, items, driver.Progress(total=4), io.StringIO())
+    handle.new_actors = new_actors
     return handle
 
 
@@ -232,17 +230,16 @@ def test_driver_retries_a_chunk_whose_task_raised_and_keeps_the_actor(monkeypatc
     # the one actor takes the predictions first, then the chunks
     script = ["ok", task_error, "ok", "ok"]
     handle = fake_handle(monkeypatch, tmp_path, script)
-    handle._drive()
+    handle.run()
     assert handle._error is None and handle.progress.done == 4
     assert "chunk 0 of c000-HeavyBall-lr0.1-beta0.9 lost (RayTaskError); retrying" in (
         handle.log.getvalue()
     )
     assert handle.new_actors == [] and not script
 
-    script[:] = ["ok"] + [task_error] * (runtime.MAX_RETRIES + 1)
-    handle = fake_handle(monkeypatch, tmp_path, script)
-    handle._todo = [(0, 0)]
-    handle._drive()
+    script[:] = ["ok"] + [task_error] * (driver.MAX_RETRIES + 1)
+    handle = fake_handle(monkeypatch, tmp_path, script, chunks=(0,))
+    handle.run()
     assert isinstance(handle._error, ray.exceptions.RayTaskError)
 
 
@@ -253,7 +250,7 @@ def test_predictions_whose_actor_died_are_retried_on_a_new_actor(monkeypatch, tm
 
     script = [ray.exceptions.ActorDiedError(), "ok", "ok", "ok"]
     handle = fake_handle(monkeypatch, tmp_path, script)
-    handle._drive()
+    handle.run()
     assert handle._error is None and handle.progress.done == 4
     assert "predictions of c000-HeavyBall-lr0.1-beta0.9 lost (ActorDiedError); retrying" in (
         handle.log.getvalue()
@@ -272,8 +269,8 @@ def test_an_actor_failing_in_init_is_not_retried(monkeypatch, tmp_path):
     )
     script = [ray.exceptions.ActorDiedError(cause), "ok", "ok", "ok"]
     handle = fake_handle(monkeypatch, tmp_path, script)
-    handle._drive()
-    assert isinstance(handle._error, runtime.StudyActorError)
+    handle.run()
+    assert isinstance(handle._error, driver.StudyActorError)
     assert "Torch not compiled with CUDA enabled" in str(handle._error)
     assert "retrying" not in handle.log.getvalue() and handle.new_actors == []
 
@@ -282,9 +279,9 @@ def test_driver_refuses_a_store_that_lacks_rows(monkeypatch, tmp_path):
     """Actors that write where the driver cannot read (another node's disk) report success;
     the driver counts the rows and says why they are missing."""
     handle = fake_handle(monkeypatch, tmp_path, ["ok"] * 3, write=False)
-    handle._drive()
+    handle.run()
     err = handle._error
-    assert isinstance(err, runtime.IncompleteStoreError)
+    assert isinstance(err, IncompleteStoreError)
     message = str(err)
     assert repr(handle.path) in message
     assert "0 of the 4 expected runs rows (1 configs x 4 permutations)" in message
@@ -319,7 +316,7 @@ class Check:
 )
 def test_device_follows_what_torch_can_do_where_the_gpu_is(gpu, gpus, answer, device, checked):
     check, log = Check(answer), io.StringIO()
-    assert runtime.choose_device(gpu, gpus, check=check, log=log) == device
+    assert devices.choose_device(gpu, gpus, check=check, log=log) == device
     assert check.calls == int(checked)
     if device == "cpu" and checked:  # a GPU was there but is not used: say why
         assert "runtime.gpu='auto'" in log.getvalue() and answer[1] in log.getvalue()
@@ -328,15 +325,15 @@ def test_device_follows_what_torch_can_do_where_the_gpu_is(gpu, gpus, answer, de
 def test_gpu_always_without_usable_cuda_fails_before_any_actor():
     check = Check((False, "torch 2.13.0+cpu there is a CPU-only build"))
     with pytest.raises(ValueError, match=r"runtime.gpu='always' is not possible.*CPU-only"):
-        runtime.choose_device("always", 1, check=check, log=io.StringIO())
+        devices.choose_device("always", 1, check=check, log=io.StringIO())
 
 
 FAKE_GPU_SCRIPT = """
 import io, json, sys, time
 import ray
-from noisemem.runtime import launch
-from noisemem.spec import StudySpec
-from noisemem.store import load
+from noisemem.studies.driver import launch
+from noisemem.studies.spec import StudySpec
+from noisemem.studies.store import load
 
 raw = json.loads(sys.argv[1])
 # Ray reports a GPU (a laptop with an NVIDIA GPU, say); torch here is a build without CUDA
@@ -409,7 +406,7 @@ def test_killed_actors_are_replaced_and_their_predictions_retried(ray_local, tmp
     spec = spec_at(tmp_path / "killed", optimizers=RAW["optimizers"][:1], training=training)
     log = io.StringIO()
     handle = launch(spec, actors=2, log=log)
-    for actor in list(handle._actors):
+    for actor in list(handle.pool.actors):
         ray.kill(actor)
     tables = load(handle.wait(timeout=600))
     assert "predictions of c000-HeavyBall-lr0.1-beta0.9 lost (ActorDiedError)" in log.getvalue()
@@ -422,10 +419,10 @@ def test_killed_actors_are_replaced_and_their_predictions_retried(ray_local, tmp
 def test_an_actor_failing_in_init_stops_the_study_at_once(ray_local, tmp_path, monkeypatch):
     """A real actor whose __init__ raises (here: a device torch does not know): one error,
     naming the cause, and no replacement actors."""
-    monkeypatch.setattr(runtime.StudyHandle, "_choose_device", lambda self: "nodevice")
+    monkeypatch.setattr(driver, "choose_device", lambda *args, **kwargs: "nodevice")
     log = io.StringIO()
     handle = launch(spec_at(tmp_path / "initfail"), actors=1, log=log)
-    with pytest.raises(runtime.StudyActorError, match="nodevice"):
+    with pytest.raises(driver.StudyActorError, match="nodevice"):
         handle.wait(timeout=300)
     assert "retrying" not in log.getvalue()
 
@@ -434,7 +431,7 @@ def test_resume_refuses_a_store_of_another_schema_version(ray_local, tmp_path, m
     def no_actors(*args, **kwargs):
         raise AssertionError("an actor was started")
 
-    monkeypatch.setattr(runtime.StudyHandle, "_start_actors", no_actors)
+    monkeypatch.setattr(driver.Pool, "start", no_actors)
     spec = spec_at(tmp_path / "oldschema")
     store = Store(spec.output)
     other = SCHEMA_VERSION + 1  # whatever store.py's version is, a newer one
@@ -449,24 +446,27 @@ def test_a_version_1_store_is_resumed_without_losing_or_redoing_anything(ray_loc
     """A store written by noisemem before schema 2 (moments as sums and sums of squares, the
     digest of the spec as written, study.toml with the model as written), interrupted: the
     resumed study runs only the missing chunk and its tables equal an uninterrupted run's."""
+    import tomllib
+
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     import tomli_w
 
-    from noisemem.store import MOMENTS_V1, merged_moments
+    from noisemem.analysis.compare import merged_moments
+    from noisemem.studies.schema import MOMENTS_V1
 
     spec = spec_at(tmp_path / "v1")
     path = launch(spec, actors=2, log=io.StringIO()).wait(timeout=600)
     before = load(path)
     store = Store(path)
     # what the schema-1 noisemem left: version-1 moments parts, its manifest and study.toml
-    old_toml = {**spec.to_toml_dict(), "model": spec.raw["model"]}
-    store.write_text(tomli_w.dumps(runtime._toml_safe(old_toml)), "study.toml")
-    manifest = {**store.read_manifest(), "schema_version": 1, "spec_digest": spec.legacy_digest}
+    old_toml = {**tomllib.loads(study_toml(spec)), "model": spec.raw["model"]}
+    store.write_text(tomli_w.dumps(old_toml), "study.toml")
+    manifest = {**store.read_manifest(), "schema_version": 1, "spec_digest": legacy_digest(spec)}
     manifest["complete"] = False
     store.write_manifest(manifest)
-    assert spec.legacy_digest != spec.digest
+    assert legacy_digest(spec) != spec.digest
     for part in store.parts("moments"):
         rows = store.read_part("moments", part).to_pylist()
         for row in rows:
@@ -497,9 +497,9 @@ def test_bad_actor_counts_and_outputs_are_refused(ray_local, tmp_path):
     with pytest.raises(ValueError, match=r"actors=True is not allowed"):
         launch(spec_at(tmp_path / "bool"), actors=True)
     with pytest.raises(ValueError, match=r"output='' is not allowed"):
-        runtime.absolute_output("")
-    assert runtime.absolute_output("s3://bucket/study") == "s3://bucket/study"
-    assert runtime.absolute_output("rel/store") == str(Path.cwd() / "rel" / "store")
+        location("")
+    assert location("s3://bucket/study") == "s3://bucket/study"
+    assert location("rel/store") == str(Path.cwd() / "rel" / "store")
 
 
 def write_spec(path, **changes) -> str:
@@ -523,7 +523,7 @@ def test_cli_overrides_are_validated_and_the_output_made_absolute(tmp_path, monk
         seen.append(spec)
         raise ValueError("stop here")
 
-    monkeypatch.setattr(runtime, "launch", fake_launch)
+    monkeypatch.setattr(driver, "launch", fake_launch)
     spec_file = write_spec(tmp_path / "s.toml", output="from/spec")
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
@@ -549,9 +549,9 @@ def test_cli_run_reports_an_incomplete_store_and_fails(tmp_path, monkeypatch, ca
 
     class Handle:
         def wait(self):
-            raise runtime.IncompleteStoreError("the store at '/x' holds 0 of the 12 ...")
+            raise IncompleteStoreError("the store at '/x' holds 0 of the 12 ...")
 
-    monkeypatch.setattr(runtime, "launch", lambda spec, actors=None: Handle())
+    monkeypatch.setattr(driver, "launch", lambda spec, actors=None: Handle())
     assert main(["run", write_spec(tmp_path / "s.toml", output=str(tmp_path / "o"))]) == 1
     captured = capsys.readouterr()
     assert "noisemem: the store at '/x' holds 0 of the 12" in captured.err

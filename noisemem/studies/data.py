@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from noisemem.problem import is_integer
+from noisemem.checks import is_integer
 
 HUB_HOST = ("huggingface.co", 443)
 

@@ -1,4 +1,4 @@
-"""The study work function (no Ray): vmapped ensembles, chunk rows, predictions."""
+"""The work of one chunk (no Ray): vmapped ensembles, chunk rows, predictions."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 from conftest import rel_err
 
 from noisemem import expected_correction, full_batch_correction, memory_correction
-from noisemem.data import prepare
-from noisemem.spec import StudySpec
 from noisemem.stats import Moments
-from noisemem.study import Context, predictions, run_chunk, train_ensemble
+from noisemem.studies.chunk import Context, predictions, run_chunk, train_ensemble
+from noisemem.studies.data import prepare
+from noisemem.studies.plan import Chunks
+from noisemem.studies.spec import StudySpec
 from noisemem.trajectory import memoryful_run
 
 
@@ -99,7 +100,7 @@ def test_moments_do_not_depend_on_the_chunking(data):
         spec = small_spec(chunk_size=chunk_size)
         ctx = context(spec, data)
         acc: dict[tuple[str, int], Moments] = {}
-        for chunk in range(spec.num_chunks):
+        for chunk in range(Chunks.of(spec).count):
             for r in run_chunk(ctx, spec.configs[1], chunk)["moments"]:
                 mean, m2 = (torch.tensor(r[k], dtype=torch.float64) for k in ("mean", "m2"))
                 m = Moments(r["count"], mean, m2)

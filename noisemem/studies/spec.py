@@ -1,5 +1,9 @@
 """Study specifications: a frozen dataclass loaded from TOML and validated on load.
 
+The spec says what a study computes; how its permutations are split into work
+(:mod:`noisemem.studies.plan`) and how its store is identified, laid out and written
+(:mod:`noisemem.studies.store`) live beside it.
+
 A study is data x model x a grid of optimizers x batch size x epochs x sampling scheme x
 number of permutations x probe points x seeds. Every field is checked when the spec is
 loaded; an error names the field (``optimizers[1].beta2``), the value and what is allowed.
@@ -19,7 +23,7 @@ Example (``jobs/studies/*.toml`` has complete ones)::
     hidden = 128
 
     [[optimizers]]             # lists expand into a grid
-    kind = "HeavyBall"
+    kind = "HeavyBall"         # or "package.module:Class", a noisemem.optim.Optimizer
     lr = 0.1
     beta = [0.5, 0.9]
 
@@ -51,18 +55,18 @@ Example (``jobs/studies/*.toml`` has complete ones)::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import importlib
 import itertools
-import json
-import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from noisemem.expectation import SAMPLINGS, SEED_LIMIT
+from noisemem import checks
+from noisemem.checks import SAMPLINGS, SEED_LIMIT
 from noisemem.optim import OPTIMIZERS, Optimizer
+from noisemem.studies.store import fingerprint, location
 
 BUILTIN_DATA = ("digits", "mnist1d")
 BUILTIN_MODELS = ("gelu_mlp", "cnn", "softmax")
@@ -78,21 +82,7 @@ class SpecError(ValueError):
 
 
 def _fail(path: str, value: Any, allowed: str) -> SpecError:
-    return SpecError(f"{path}={value!r} is not allowed; {allowed}")
-
-
-def absolute_output(output: Any) -> str:
-    """The store location every actor resolves the same way: a URI untouched, a relative
-    path made absolute against this process's working directory (actors run in their own)."""
-    if not isinstance(output, str) or not output:
-        raise _fail(
-            "output",
-            output,
-            "give a directory path or a pyarrow filesystem URI such as s3://bucket/study",
-        )
-    if "://" in output or Path(output).is_absolute():
-        return output
-    return str(Path.cwd() / output)
+    return checks.not_allowed(path, value, allowed, error=SpecError)  # type: ignore[return-value]
 
 
 def _check_keys(section: str, raw: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -104,17 +94,15 @@ def _check_keys(section: str, raw: Mapping[str, Any], allowed: tuple[str, ...]) 
         )
 
 
-def _int(path: str, value: Any, low: int, high: float = math.inf) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        allowed = f"it must be an integer >= {low}"
-        raise _fail(path, value, allowed + (f" and <= {high}" if high != math.inf else ""))
-    return value
+def _int(path: str, value: Any, low: int, high: float = float("inf")) -> int:
+    allowed = f"it must be an integer >= {low}" + (
+        f" and <= {high}" if high != float("inf") else ""
+    )
+    return checks.integer(path, value, low, high, allowed=allowed, error=SpecError)
 
 
 def _bool(path: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(path, value, "it must be true or false")
-    return value
+    return checks.flag(path, value, words="true or false", error=SpecError)
 
 
 def _name(path: str, value: Any, what: str) -> str:
@@ -124,23 +112,38 @@ def _name(path: str, value: Any, what: str) -> str:
 
 
 def _choice(path: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise _fail(path, value, f"use one of {', '.join(allowed)}")
-    return value
+    return checks.choice(path, value, allowed, error=SpecError)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The section's defaults, as its dataclass fields spell them (the one place they are)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        out[f.name] = (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        )
+    return out
+
+
+def _section(cls: type, name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` over the section's defaults, after refusing unknown fields."""
+    defaults = _defaults(cls)
+    _check_keys(name, raw, tuple(defaults))
+    return {**defaults, **raw}
 
 
 @dataclass(frozen=True)
 class DataSpec:
     source: str = "digits"
-    limit: int = 0
+    limit: int = 0  # 0: every sample; N: the first N
     normalize: str = "unit"
     label_column: str = "label"
     split: str = "train"
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], base: Path | None) -> DataSpec:
-        _check_keys("data", raw, tuple(f.name for f in dataclasses.fields(cls)))
-        source = raw.get("source", "digits")
+        r = _section(cls, "data", raw)
+        source = r["source"]
         if not isinstance(source, str) or not source:
             raise _fail("data.source", source, "give a data set name or a path")
         if source not in BUILTIN_DATA and not source.startswith("hub:"):
@@ -157,12 +160,10 @@ class DataSpec:
             source = str(path)
         return cls(
             source=source,
-            limit=_int("data.limit", raw.get("limit", 0), 0),
-            normalize=_choice("data.normalize", raw.get("normalize", "unit"), NORMALIZE),
-            label_column=_name(
-                "data.label_column", raw.get("label_column", "label"), "the label column's name"
-            ),
-            split=_name("data.split", raw.get("split", "train"), "a split name such as 'train'"),
+            limit=_int("data.limit", r["limit"], 0),
+            normalize=_choice("data.normalize", r["normalize"], NORMALIZE),
+            label_column=_name("data.label_column", r["label_column"], "the label column's name"),
+            split=_name("data.split", r["split"], "a split name such as 'train'"),
         )
 
 
@@ -174,16 +175,15 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> ModelSpec:
-        _check_keys("model", raw, ("kind", "hidden", "kwargs"))
-        kind = raw.get("kind", "gelu_mlp")
+        r = _section(cls, "model", raw)
+        kind = r["kind"]
         if not isinstance(kind, str) or (kind not in BUILTIN_MODELS and ":" not in kind):
             raise _fail(
                 "model.kind", kind, f"use {', '.join(BUILTIN_MODELS)} or 'package.module:Factory'"
             )
-        kwargs = raw.get("kwargs", {})
-        if not isinstance(kwargs, Mapping):
-            raise _fail("model.kwargs", kwargs, "it must be a table of keyword arguments")
-        return cls(kind=kind, hidden=_int("model.hidden", raw.get("hidden", 128), 1), kwargs=kwargs)
+        if not isinstance(r["kwargs"], Mapping):
+            raise _fail("model.kwargs", r["kwargs"], "it must be a table of keyword arguments")
+        return cls(kind=kind, hidden=_int("model.hidden", r["hidden"], 1), kwargs=r["kwargs"])
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,26 @@ class Config:
         return {"kind": self.optimizer.name, **dataclasses.asdict(self.optimizer)}
 
 
+def optimizer_class(where: str, kind: Any) -> type[Optimizer]:
+    """The optimizer a grid entry names: a built-in, or ``package.module:Class`` (any
+    subclass of :class:`noisemem.optim.Optimizer`, importable wherever the study runs)."""
+    if isinstance(kind, str) and kind in OPTIMIZERS:
+        return OPTIMIZERS[kind]
+    allowed = f"use one of {', '.join(OPTIMIZERS)} or 'package.module:Class'"
+    if not isinstance(kind, str) or ":" not in kind:
+        raise _fail(f"{where}.kind", kind, allowed)
+    module_name, _, attr = kind.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise _fail(f"{where}.kind", kind, f"it cannot be imported ({err})") from err
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer) and dataclasses.is_dataclass(cls)):
+        raise _fail(
+            f"{where}.kind", kind, "it must name a dataclass subclass of noisemem.optim.Optimizer"
+        )
+    return cls
+
+
 def _expand_optimizers(raw: Any) -> tuple[Config, ...]:
     if not isinstance(raw, list) or not raw:
         raise _fail("optimizers", raw, "give at least one [[optimizers]] table")
@@ -208,16 +228,15 @@ def _expand_optimizers(raw: Any) -> tuple[Config, ...]:
         if not isinstance(entry, Mapping):
             raise _fail(where, entry, "each entry must be a table")
         kind = entry.get("kind")
-        if kind not in OPTIMIZERS:
-            raise _fail(f"{where}.kind", kind, f"use one of {', '.join(OPTIMIZERS)}")
-        cls = OPTIMIZERS[kind]
-        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        cls = optimizer_class(where, kind)
+        names = [f.name for f in dataclasses.fields(cls)]
         _check_keys(where, {k: v for k, v in entry.items() if k != "kind"}, tuple(names))
         grid = {k: (v if isinstance(v, list) else [v]) for k, v in entry.items() if k != "kind"}
         for k, values in grid.items():
             if not values:
                 raise _fail(f"{where}.{k}", values, "a grid list needs at least one value")
         keys = list(grid)
+        name = cls.__name__
         for combo in itertools.product(*(grid[k] for k in keys)):
             kw = dict(zip(keys, combo, strict=True))
             try:
@@ -226,7 +245,7 @@ def _expand_optimizers(raw: Any) -> tuple[Config, ...]:
                 raise SpecError(f"{where}: {err}") from err
             except ValueError as err:
                 # the optimizer names the field ("AdamW: beta2=..."); say where it sits
-                msg = str(err).removeprefix(f"{kind}: ")
+                msg = str(err).removeprefix(f"{name}: ")
                 raise SpecError(f"{where}.{msg}") from err
             if not opt.smooth:
                 raise _fail(
@@ -235,7 +254,7 @@ def _expand_optimizers(raw: Any) -> tuple[Config, ...]:
                     "studies evaluate Eq. (9), which needs the soft sign: set eps > 0",
                 )
             label = "-".join(f"{k}{kw[k]}" for k in keys)
-            configs.append(Config(f"c{len(configs):03d}-{kind}-{label}", len(configs), opt))
+            configs.append(Config(f"c{len(configs):03d}-{name}-{label}", len(configs), opt))
     return tuple(configs)
 
 
@@ -249,32 +268,32 @@ class TrainingSpec:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> TrainingSpec:
-        _check_keys("training", raw, tuple(f.name for f in dataclasses.fields(cls)))
+        r = _section(cls, "training", raw)
         return cls(
-            batch_size=_int("training.batch_size", raw.get("batch_size", 32), 1),
-            epochs=_int("training.epochs", raw.get("epochs", 1), 1),
-            sampling=_choice("training.sampling", raw.get("sampling", "permute"), SAMPLINGS),
-            permutations=_int("training.permutations", raw.get("permutations", 32), 2, SEED_LIMIT),
-            chunk_size=_int("training.chunk_size", raw.get("chunk_size", 16), 1),
+            batch_size=_int("training.batch_size", r["batch_size"], 1),
+            epochs=_int("training.epochs", r["epochs"], 1),
+            sampling=_choice("training.sampling", r["sampling"], SAMPLINGS),
+            permutations=_int("training.permutations", r["permutations"], 2, SEED_LIMIT),
+            chunk_size=_int("training.chunk_size", r["chunk_size"], 1),
         )
 
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    init: bool = True
-    epoch_end: bool = False
-    reference_steps: tuple[int, ...] = ()
+    init: bool = True  # corrections at the initial parameters
+    epoch_end: bool = False  # at each run's own parameters after every epoch
+    reference_steps: tuple[int, ...] = ()  # at steps of the full-batch reference run
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> ProbeSpec:
-        _check_keys("probes", raw, ("init", "epoch_end", "reference_steps"))
-        steps = raw.get("reference_steps", [])
-        if not isinstance(steps, list):
+        r = _section(cls, "probes", raw)
+        steps = r["reference_steps"]
+        if not isinstance(steps, list | tuple):
             raise _fail("probes.reference_steps", steps, "give a list of integers >= 1")
         checked = tuple(_int(f"probes.reference_steps[{i}]", s, 1) for i, s in enumerate(steps))
         spec = cls(
-            init=_bool("probes.init", raw.get("init", True)),
-            epoch_end=_bool("probes.epoch_end", raw.get("epoch_end", False)),
+            init=_bool("probes.init", r["init"]),
+            epoch_end=_bool("probes.epoch_end", r["epoch_end"]),
             reference_steps=tuple(sorted(set(checked))),
         )
         if not (spec.init or spec.epoch_end or spec.reference_steps):
@@ -284,36 +303,32 @@ class ProbeSpec:
 
 @dataclass(frozen=True)
 class RecordSpec:
-    steps: bool = True
-    memoryless: bool = False
-    vectors: bool = False
+    steps: bool = True  # per-step loss, accuracy, gradient norm
+    memoryless: bool = False  # l_inf distances to the memoryless runs
+    vectors: bool = False  # full correction vectors of every run
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> RecordSpec:
-        _check_keys("record", raw, ("steps", "memoryless", "vectors"))
-        return cls(**{k: _bool(f"record.{k}", raw.get(k, d)) for k, d in _defaults(cls).items()})
+        r = _section(cls, "record", raw)
+        return cls(**{k: _bool(f"record.{k}", v) for k, v in r.items()})
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    actors: int = 0
+    actors: int = 0  # 0: one per available CPU (or GPU)
     cpus_per_actor: int = 1
     gpu: str = "auto"
     dtype: str = "float32"
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> RuntimeSpec:
-        _check_keys("runtime", raw, ("actors", "cpus_per_actor", "gpu", "dtype"))
+        r = _section(cls, "runtime", raw)
         return cls(
-            actors=_int("runtime.actors", raw.get("actors", 0), 0),
-            cpus_per_actor=_int("runtime.cpus_per_actor", raw.get("cpus_per_actor", 1), 1),
-            gpu=_choice("runtime.gpu", raw.get("gpu", "auto"), GPU_MODES),
-            dtype=_choice("runtime.dtype", raw.get("dtype", "float32"), DTYPES),
+            actors=_int("runtime.actors", r["actors"], 0),
+            cpus_per_actor=_int("runtime.cpus_per_actor", r["cpus_per_actor"], 1),
+            gpu=_choice("runtime.gpu", r["gpu"], GPU_MODES),
+            dtype=_choice("runtime.dtype", r["dtype"], DTYPES),
         )
-
-
-def _defaults(cls: type) -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
 @dataclass(frozen=True)
@@ -321,7 +336,7 @@ class StudySpec:
     """A validated study; :meth:`from_toml` / :meth:`from_dict` are the ways in."""
 
     name: str
-    output: str
+    output: str  # where the store lives (:func:`noisemem.studies.store.location`)
     seed: int
     data: DataSpec
     model: ModelSpec
@@ -339,7 +354,7 @@ class StudySpec:
         name = raw.get("name")
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise _fail("name", name, "use letters, digits, '-' and '_'")
-        output = absolute_output(raw.get("output", f"out/studies/{name}"))
+        output = location(raw.get("output", f"out/studies/{name}"), error=SpecError)
         for section in sections:
             if section != "optimizers" and not isinstance(raw.get(section, {}), Mapping):
                 raise _fail(section, raw.get(section), f"[{section}] must be a table")
@@ -389,6 +404,20 @@ class StudySpec:
             raise SpecError(f"spec file {str(path)!r} is not valid TOML: {err}") from err
         return cls.from_dict(raw, base=path.parent)
 
+    def with_overrides(self, base: Path | None = None, **fields: Any) -> StudySpec:
+        """This spec with top-level fields (``output``) or ``runtime`` fields
+        (``gpu``, ``actors``) replaced, validated and resolved as the spec file itself is;
+        None leaves a field as it is."""
+        raw = dict(self.raw)
+        for key, value in fields.items():
+            if value is None:
+                continue
+            if key in ("gpu", "actors", "cpus_per_actor", "dtype"):
+                raw["runtime"] = {**raw.get("runtime", {}), key: value}
+            else:
+                raw[key] = value
+        return self if raw == dict(self.raw) else StudySpec.from_dict(raw, base=base)
+
     def check_data_size(self, num_samples: int) -> None:
         """Checks that need the data set's size (run before any actor starts)."""
         b = self.training.batch_size
@@ -399,16 +428,8 @@ class StudySpec:
         if self.training.sampling == "permute" and num_samples // b < 1:
             raise _fail("training.batch_size", b, "the data must hold at least one batch")
 
-    @property
-    def num_chunks(self) -> int:
-        return -(-self.training.permutations // self.training.chunk_size)
-
-    def chunk_indices(self, chunk: int) -> range:
-        c = self.training.chunk_size
-        return range(chunk * c, min((chunk + 1) * c, self.training.permutations))
-
-    def to_toml_dict(self) -> dict[str, Any]:
-        """The resolved spec (what ``study.toml`` in the store holds), as plain data. The
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain data (what the store's ``study.toml`` holds). The
         optimizers stay as written (grids), since their spelling names the config ids."""
         out = dict(self.raw)
         out["output"] = self.output
@@ -426,7 +447,7 @@ class StudySpec:
         """Everything that determines the results, resolved: defaults filled in, optimizer
         grids expanded into configs (id and every hyperparameter), the dtype; not where the
         results are written nor how many actors, CPUs or GPUs compute them."""
-        d = self.to_toml_dict()
+        d = self.as_dict()
         return {
             "name": self.name,
             "seed": self.seed,
@@ -445,45 +466,4 @@ class StudySpec:
         ``beta = 0.9`` or ``beta = [0.9]``) have the same digest. Config ids are part of it:
         they name the store's parts, so specs whose ids differ (the same grid keys in
         another order) are different studies to the store."""
-        return _hash(self.resolved())
-
-    @property
-    def legacy_digest(self) -> str:
-        """The digest noisemem wrote before the resolved one (schema version 1 stores): a
-        hash of the ``model`` and ``optimizers`` sections as written, with the rest resolved.
-        Only :meth:`same_study` uses it, to recognise such stores."""
-        d = self.to_toml_dict()
-        d.pop("output", None)
-        if "model" in self.raw:
-            d["model"] = self.raw["model"]
-        else:
-            d.pop("model")
-        d["runtime"] = {"dtype": self.runtime.dtype}
-        return _hash(d)
-
-    def same_study(self, stored_digest: str | None, stored_toml: str | None = None) -> bool:
-        """Whether a store whose manifest holds ``stored_digest`` (and whose ``study.toml``
-        holds ``stored_toml``) holds this study, so that it may be resumed.
-
-        True when the digests are equal. A store written before digests were resolved holds
-        a :attr:`legacy_digest`, which equivalent specs may not share; then its
-        ``study.toml`` decides: when that file is the spec the stored digest was made of
-        (its own digest, either scheme, equals ``stored_digest``) and it resolves to this
-        spec's :attr:`digest`, the study is the same. Anything unreadable counts as
-        different (the caller refuses to resume rather than mixing two studies' rows).
-        """
-        if stored_digest == self.digest:
-            return True
-        if stored_digest is None or stored_toml is None:
-            return False
-        try:
-            stored = StudySpec.from_dict(tomllib.loads(stored_toml))
-        except (SpecError, tomllib.TOMLDecodeError):
-            return False
-        if stored_digest not in (stored.digest, stored.legacy_digest):
-            return False
-        return stored.digest == self.digest
-
-
-def _hash(d: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return fingerprint(self.resolved())

@@ -8,10 +8,15 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from noisemem.studies.spec import SpecError, StudySpec
+
+if TYPE_CHECKING:
+    from noisemem.studies.data import DataInfo
 
 
 def gelu_mlp(inputs: int = 64, hidden: int = 128, classes: int = 10) -> nn.Module:
@@ -107,3 +112,28 @@ def initial_parameters(model: nn.Module, seed: int) -> nn.Module:
             reset()
     torch.random.set_rng_state(gen_state)
     return model
+
+
+def spec_model(spec: StudySpec, info: DataInfo) -> nn.Module:
+    """The spec's model for this data (inputs, classes and image shape from ``info``)."""
+    return build_model(
+        spec.model.kind,
+        inputs=info.num_features,
+        classes=info.num_classes,
+        hidden=spec.model.hidden,
+        image_shape=info.image_shape,
+        kwargs=spec.model.kwargs,
+    )
+
+
+def check_model(spec: StudySpec, info: DataInfo) -> None:
+    """Build the spec's model once on the CPU, so that a bad model fails before any actor."""
+    try:
+        spec_model(spec, info)
+    except TypeError as err:
+        raise SpecError(
+            f"model.kwargs={dict(spec.model.kwargs)!r} do not fit model.kind="
+            f"{spec.model.kind!r}: {err}"
+        ) from err
+    except ValueError as err:
+        raise SpecError(str(err)) from err

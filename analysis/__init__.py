@@ -1,1 +1,0 @@
-"""Pandas comparison of measured corrections with the memoryless predictions."""

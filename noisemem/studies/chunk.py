@@ -1,0 +1,350 @@
+"""The work of a study, with no Ray inside: what one actor does with one chunk.
+
+A chunk is a range of permutation indices of one config. Its runs are trained at once as a
+vmapped ensemble (one parameter vector per permutation, same initialisation): at step j,
+run p uses the batch its own order gives it. Batch orders come from
+``sample_run(sampling, m, b, steps, spec.seed, p)``, so a permutation's results depend on the
+spec and its index only, never on the chunking or on which worker ran it; every config sees
+the same orders (common random numbers).
+
+Probe points (where Eq. (9) is evaluated, at the end of every epoch e, n = e m - 1):
+
+* ``init`` and ``ref<s>``: fixed parameters (the initialisation; step s of the full-batch
+  reference run of the same optimizer). M_p is Eq. (9) at those parameters for run p's order,
+  so the mean over p estimates E[M] there; the exact expectation and the full-batch
+  prediction at the same point are in the ``predictions`` table.
+* ``epoch``: each run's own parameters after epoch e, with its own history; each correction
+  row carries its comparison with the full-batch prediction and the noise direction there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from noisemem.expectation import SampledRun, exact_expectation, sample_run, sampled_correction
+from noisemem.full_batch import NoClosedForm, full_batch_prediction
+from noisemem.optim import Optimizer
+from noisemem.probe import Probe
+from noisemem.problem import Problem
+from noisemem.stats import Moments
+from noisemem.studies import rows
+from noisemem.studies.data import DataInfo, split_batches
+from noisemem.studies.models import initial_parameters, spec_model
+from noisemem.studies.plan import Chunks
+from noisemem.studies.spec import Config, StudySpec
+from noisemem.trajectory import memoryful_steps, trajectories
+
+
+@dataclass
+class Context:
+    """Model and batches of a study on one device (built once per actor)."""
+
+    spec: StudySpec
+    model: nn.Module
+    problem: Problem
+    device: str
+    _references: dict[str, dict[int, Tensor | None]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, spec: StudySpec, x: Tensor, y: Tensor, info: DataInfo, device: str = "cpu"
+    ) -> Context:
+        spec.check_combinations()  # from_dict did; a spec made by dataclasses.replace may not
+        dtype = torch.float64 if spec.runtime.dtype == "float64" else torch.float32
+        model = initial_parameters(spec_model(spec, info), spec.seed).to(device=device, dtype=dtype)
+        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        batches = split_batches(x, y, spec.training.batch_size)
+        problem = Problem(model, nn.functional.cross_entropy, batches)
+        return cls(spec, model, problem, device)
+
+    @property
+    def m(self) -> int:
+        return self.problem.num_batches
+
+    @property
+    def steps(self) -> int:
+        return self.spec.training.epochs * self.m
+
+    def run(self, p: int) -> SampledRun:
+        t = self.spec.training
+        return sample_run(t.sampling, self.m, t.batch_size, self.steps, self.spec.seed, p)
+
+    def references(self, config: Config) -> dict[int, Tensor | None]:
+        """theta at the spec's reference steps of the full-batch run (None if it diverged)."""
+        if config.id not in self._references:
+            wanted = self.spec.probes.reference_steps
+            out: dict[int, Tensor | None] = {}
+            if wanted:
+                # the samples the batch split keeps, so that the loss is L = mean_i L_i
+                full = self.problem.full_batch()
+                steps = memoryful_steps(
+                    config.optimizer, full.theta, lambda _, t: full.full_grad(t), max(wanted)
+                )
+                for n, _, theta in steps:
+                    if n + 1 in wanted:
+                        out[n + 1] = theta.clone() if bool(torch.isfinite(theta).all()) else None
+            self._references[config.id] = out
+        return self._references[config.id]
+
+    def fixed_probes(self, config: Config) -> dict[str, Tensor | None]:
+        probes: dict[str, Tensor | None] = {}
+        if self.spec.probes.init:
+            probes["init"] = self.problem.theta
+        for s, theta in self.references(config).items():
+            probes[f"ref{s}"] = theta
+        return probes
+
+    def noise_direction(self, at: Problem, probe: Probe | None = None) -> Tensor:
+        """Cov at ``at.theta``: per batch, or per sample under reshuffling (THEORY §4).
+        ``probe`` (a :class:`Probe` of ``at``) lends its batch gradients' graph to the
+        per-batch case instead of building a second one."""
+        if self.spec.training.sampling == "reshuffle":
+            return Probe(at.per_sample()).hessian_moments()[2]
+        return (probe if probe is not None else Probe(at)).hessian_moments()[2]
+
+    def probe_steps(self) -> list[int]:
+        return [e * self.m - 1 for e in range(1, self.spec.training.epochs + 1)]
+
+
+@dataclass
+class Ensemble:
+    """A trained chunk: per-run metrics, divergence and the parameters after each epoch."""
+
+    loss: Tensor  # (steps, P)
+    accuracy: Tensor
+    grad_norm: Tensor
+    batch: np.ndarray  # (steps, P) batch index (sample-batch row for reshuffle)
+    diverged_at: list[int | None]  # first iterate with non-finite parameters or gradient
+    epoch_thetas: list[Tensor]  # per epoch, (P, d)
+
+
+def _loss_and_accuracy(
+    model: nn.Module, problem: Problem, theta: Tensor, x: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor]:
+    out = functional_call(model, (problem.unflatten(theta), problem.buffers), (x,))
+    loss = problem.loss_fn(out, y)
+    return loss, (out.argmax(-1) == y).to(out.dtype).mean()
+
+
+def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun]) -> Ensemble:
+    """The memoryful runs of ``runs`` trained at once (vmap over runs), same initial theta."""
+    P = len(runs)
+    problem = ctx.problem
+    theta0 = problem.theta.expand(P, -1).clone()  # (P, d)
+    X_all, Y_all = problem.samples()  # the samples kept by the batch split
+
+    def loss_fn(t: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return _loss_and_accuracy(ctx.model, problem, t, x, y)  # (loss, accuracy as aux)
+
+    batched_loss = vmap(loss_fn)
+    steps = ctx.steps
+    losses = torch.empty(steps, P, dtype=theta0.dtype, device=theta0.device)
+    accs = torch.empty_like(losses)
+    norms = torch.empty(steps, P, dtype=torch.float64, device=theta0.device)
+    batch_idx = np.zeros((steps, P), dtype=np.int64)
+    fixed = runs[0].batches is None
+    if fixed:  # which batch each run uses at each step: (steps, P)
+        batch_idx[:] = np.stack([r.sequence[:steps] for r in runs], axis=1)
+        order = torch.as_tensor(batch_idx, device=theta0.device)
+    else:  # reshuffle: the sample rows of each run's fresh batch: (steps, P, b)
+        batch_idx[:] = np.arange(steps)[:, None]
+        rows_ = np.stack([r.batches[:steps] for r in runs], axis=1)  # type: ignore[index]
+        order = torch.as_tensor(rows_, device=theta0.device)
+
+    def gradient(j: int, theta: Tensor) -> Tensor:
+        """Every run's gradient at step j, and its loss, accuracy and gradient norm."""
+        if fixed:
+            xj, yj = problem.X[order[j]], problem.Y[order[j]]  # (P, b, ...)
+        else:
+            xj, yj = X_all[order[j]], Y_all[order[j]]
+        # run p's loss depends on its own row of theta only, so one backward pass of the
+        # summed losses gives every run's gradient (plain autograd: torch.func.grad would
+        # import torch._dynamo, 1.2 s at each study actor's start)
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            loss, acc = batched_loss(leaf, xj, yj)
+            (g,) = torch.autograd.grad(loss.sum(), leaf)
+        # in float64: a float32 norm overflows while g is finite (and would flag divergence)
+        losses[j], accs[j] = loss.detach(), acc
+        norms[j] = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)
+        return g
+
+    epoch_thetas = []
+    theta = theta0
+    for j, _, theta in memoryful_steps(optimizer, theta0, gradient, steps):
+        if (j + 1) % ctx.m == 0:
+            epoch_thetas.append(theta.clone())
+    # diverged_at: the first iterate j whose parameters or gradient were not finite (the
+    # gradient norm is not finite once theta^(j) or its gradient is not: cheaper than
+    # scanning theta at every step)
+    bad = (~torch.isfinite(norms)).cpu().numpy()
+    last_bad = (~torch.isfinite(theta).all(dim=1)).cpu().numpy()
+    diverged = [
+        int(np.argmax(bad[:, p])) if bad[:, p].any() else (steps if last_bad[p] else None)
+        for p in range(P)
+    ]
+    return Ensemble(losses, accs, norms, batch_idx, diverged, epoch_thetas)
+
+
+def _prefix(run: SampledRun, steps: int) -> SampledRun:
+    return SampledRun(run.sequence[:steps], None if run.batches is None else run.batches[:steps])
+
+
+def run_chunk(
+    ctx: Context, config: Config, chunk: int, worker: str = "local"
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows of ``runs``, ``steps``, ``corrections`` and ``moments`` for one chunk."""
+    spec, opt = ctx.spec, config.optimizer
+    indices = list(Chunks.of(spec).indices(chunk))
+    t0 = time.perf_counter()
+    runs = [ctx.run(p) for p in indices]
+    ens = train_ensemble(ctx, opt, runs)
+    corrections: list[dict[str, Any]] = []
+    moments: list[dict[str, Any]] = []
+    steps_of = ctx.probe_steps()
+    d = ctx.problem.theta.numel()
+
+    def measure(
+        name: str,
+        n: int,
+        p: int,
+        at: Problem,
+        probe: Probe,
+        run: SampledRun,
+        fb: Tensor,
+        noise: Tensor,
+        acc: Moments,
+    ) -> None:
+        M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
+        if bool(torch.isfinite(M).all()):
+            acc.add(M)
+        corrections.append(
+            rows.correction_row(config, name, n, p, M, fb, noise, vector=spec.record.vectors)
+        )
+
+    for name, theta in ctx.fixed_probes(config).items():
+        if theta is None:  # the reference run diverged before this step
+            continue
+        at = ctx.problem.at(theta)
+        probe = Probe(at)
+        noise = ctx.noise_direction(at, probe)
+        for n in steps_of:
+            fb = full_batch_prediction(at, opt, n, probe)
+            acc = Moments.empty(d)
+            for p, run in zip(indices, runs, strict=True):
+                measure(name, n, p, at, probe, run, fb, noise, acc)
+            moments.append(rows.moments_row(config, name, n, chunk, acc))
+    if spec.probes.epoch_end:
+        for e, n in enumerate(steps_of):
+            acc = Moments.empty(d)
+            for j, (p, run) in enumerate(zip(indices, runs, strict=True)):
+                div = ens.diverged_at[j]
+                if div is not None and div <= n + 1:
+                    continue
+                at = ctx.problem.at(ens.epoch_thetas[e][j])
+                probe = Probe(at)
+                noise = ctx.noise_direction(at, probe)
+                fb = full_batch_prediction(at, opt, n, probe)
+                measure("epoch", n, p, at, probe, run, fb, noise, acc)
+            moments.append(rows.moments_row(config, "epoch", n, chunk, acc))
+    step_rows = _step_rows(ctx, config, indices, runs, ens) if spec.record.steps else []
+    seconds = (time.perf_counter() - t0) / max(len(indices), 1)
+    run_rows = [
+        rows.run_row(
+            spec,
+            config,
+            chunk,
+            p,
+            status="ok" if ens.diverged_at[j] is None else "diverged",
+            diverged_at=ens.diverged_at[j],
+            seconds=seconds,
+            worker=worker,
+            device=ctx.device,
+        )
+        for j, p in enumerate(indices)
+    ]
+    return {"runs": run_rows, "steps": step_rows, "corrections": corrections, "moments": moments}
+
+
+def _step_rows(
+    ctx: Context, config: Config, indices: list[int], runs: list[SampledRun], ens: Ensemble
+) -> list[dict[str, Any]]:
+    """Per-step metrics of each run, with the l_inf distances to its memoryless runs when
+    recorded (the spec allows that only with fixed batches, not reshuffle)."""
+    linf: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if ctx.spec.record.memoryless:
+        for j, (p, run) in enumerate(zip(indices, runs, strict=True)):
+            if ens.diverged_at[j] is None:
+                tr = trajectories(
+                    ctx.model, ctx.problem.loss_fn, ctx.problem, config.optimizer, run.sequence
+                )
+                linf[p] = (tr.linf_first[1:].cpu().numpy(), tr.linf_second[1:].cpu().numpy())
+    loss, accuracy, gnorm = (
+        t.double().cpu().numpy() for t in (ens.loss, ens.accuracy, ens.grad_norm)
+    )
+    out = []
+    for j, p in enumerate(indices):
+        first, second = linf.get(p, (None, None))
+        for s in range(ctx.steps):
+            out.append(
+                {
+                    "config": config.id,
+                    "permutation": p,
+                    "step": s,
+                    "epoch": s // ctx.m,
+                    "batch": int(ens.batch[s, j]),
+                    "loss": float(loss[s, j]),
+                    "accuracy": float(accuracy[s, j]),
+                    "grad_norm": float(gnorm[s, j]),
+                    "linf_first": None if first is None else float(first[s]),
+                    "linf_second": None if second is None else float(second[s]),
+                }
+            )
+    return out
+
+
+def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
+    """Rows of ``predictions`` for every fixed probe and probe step of ``config``. An
+    optimizer without a closed full-batch limit gets a ``full_batch_limit`` row with no
+    vector (NaN norm, ``{"no_closed_form": 1}``): recorded, not failed."""
+    opt = config.optimizer
+    out: list[dict[str, Any]] = []
+    for name, theta in ctx.fixed_probes(config).items():
+        if theta is None:
+            continue
+        at = ctx.problem.at(theta)
+        probe = Probe(at)  # one graph of the batch gradients, shared by every prediction
+        out.append(
+            rows.prediction_row(
+                config, name, None, "noise_direction", ctx.noise_direction(at, probe), {}
+            )
+        )
+        try:
+            limit = full_batch_prediction(at, opt, None, probe)
+            out.append(rows.prediction_row(config, name, None, "full_batch_limit", limit, {}))
+        except NoClosedForm:
+            out.append(rows.missing_prediction_row(config, name, None, "full_batch_limit"))
+        for n in ctx.probe_steps():
+            fb = full_batch_prediction(at, opt, n, probe)
+            out.append(rows.prediction_row(config, name, n, "full_batch", fb, {}))
+            if opt.linear:
+                ex = exact_expectation(
+                    at, opt, ctx.spec.training.sampling, n, ctx.spec.training.epochs, probe
+                )
+                coef = dict(ex.coefficients or {})
+                assert ex.full_batch_part is not None and ex.noise_part is not None
+                for kind, v in (
+                    ("exact_mean", ex.mean),
+                    ("exact_full_batch_part", ex.full_batch_part),
+                    ("exact_noise_part", ex.noise_part),
+                ):
+                    out.append(rows.prediction_row(config, name, n, kind, v, coef))
+    return out
