@@ -1,7 +1,9 @@
 """Brute-force twins of the engine, written independently of it.
 
 * ``literal_F``: F^(n)(theta^(n), ..., theta^(0)) typed in from the paper's Examples 1.1-1.5
-  (not from noisemem's momentum-variable description), with plain autograd gradients.
+  (not from noisemem's momentum-variable description), with plain autograd gradients; for
+  any other optimizer (one a user defines) the momentum sums over the whole history read
+  off its description, term by term (the engine's grouping by batch is not used).
 * ``literal_correction``: Eq. (9) with ``torch.autograd.functional.jacobian`` of F^(n) with
   respect to every history slot and the literal O(n^2) sums of F^(s).
 * ``literal_memoryful_run``: the iteration (1) driven by ``literal_F`` over the whole history.
@@ -72,7 +74,12 @@ def literal_F(
         x = m1 + m2
         assert opt.eps is not None
         return -x / torch.sqrt(x**2 + opt.eps) + opt.weight_decay * history[n]
-    raise TypeError(type(opt))
+    b = opt.scales(torch.arange(n + 1.0).numpy())[:, n]
+    momenta = []
+    for v, b_l in zip(opt.variables, b, strict=True):
+        terms = [v.beta ** (n - k) * v.source.value(g[k], history[k]) for k in range(n + 1)]
+        momenta.append(float(b_l) * sum(terms))
+    return opt.phi(*momenta)
 
 
 def literal_correction(
