@@ -27,7 +27,7 @@ from noisemem.trajectory import Trajectories, memoryful_run, memoryless_run, tra
 if TYPE_CHECKING:
     from noisemem.studies.driver import StudyHandle
     from noisemem.studies.spec import StudySpec
-    from noisemem.studies.store import StudyTables
+    from noisemem.studies.tables import StudyTables
 
 __version__ = "0.1.0"
 
@@ -40,8 +40,8 @@ def launch(spec: StudySpec | str, *, actors: int | None = None, log: Any = None)
 
 
 def load(path: str) -> StudyTables:
-    """Read a study store into pandas (see :func:`noisemem.studies.store.load`)."""
-    from noisemem.studies.store import load as _load
+    """Read a study store into pandas (see :func:`noisemem.studies.tables.load`)."""
+    from noisemem.studies.tables import load as _load
 
     return _load(path)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from noisemem.analysis.compare import comparison_table
 from noisemem.analysis.report import write_report
 from noisemem.studies.spec import GPU_MODES, SpecError, StudySpec
-from noisemem.studies.store import IncompleteStoreError, load
+from noisemem.studies.store import IncompleteStoreError
+from noisemem.studies.tables import load
 
 
 def comparison(path: str) -> str:

@@ -9,7 +9,12 @@ import pytest
 import torch
 from conftest import rel_err
 
-from noisemem import expected_correction, full_batch_correction, memory_correction
+from noisemem import (
+    expected_correction,
+    full_batch_correction,
+    memory_correction,
+    noise_regularizer,
+)
 from noisemem.stats import Moments
 from noisemem.studies.chunk import Context, predictions, run_chunk, train_ensemble
 from noisemem.studies.data import prepare
@@ -176,5 +181,8 @@ def test_predictions_match_the_engine(data):
     )
     coef = json.loads(rows[("init", n, "exact_mean")]["coefficients"])
     assert coef["same"] == pytest.approx(exact.coefficients["same"])
+    R, _ = noise_regularizer(ctx.model, ctx.problem.loss_fn, ctx.problem)
+    noise = json.loads(rows[("init", -1, "noise_direction")]["coefficients"])
+    assert noise["R"] == pytest.approx(R, rel=1e-12)
     adam_rows = predictions(ctx, spec.configs[1])
     assert not [r for r in adam_rows if r["kind"].startswith("exact")]  # no closed form

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from noisemem.stats import chan_merge, cosine
-from noisemem.studies.store import StudyTables
+from noisemem.studies.tables import StudyTables
 
 NAN = float("nan")
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from noisemem.analysis.compare import comparison_table, epoch_summary
-from noisemem.studies.store import StudyTables
+from noisemem.studies.tables import StudyTables
 
 INTERPRETATION = [
     "E[M] is the expected memory correction of Eq. (9) over batch orders; the full-batch "

@@ -3,9 +3,10 @@
 A chunk is a range of permutation indices of one config. Its runs are trained at once as a
 vmapped ensemble (one parameter vector per permutation, same initialisation): at step j,
 run p uses the batch its own order gives it. Batch orders come from
-``sample_run(sampling, m, b, steps, spec.seed, p)``, so a permutation's results depend on the
-spec and its index only, never on the chunking or on which worker ran it; every config sees
-the same orders (common random numbers).
+``sample_run(sampling, m, b, steps, seed, p)`` with the config's training setting, so a
+permutation's results depend on the config and its index only, never on the chunking or on
+which worker ran it; configs that share a setting see the same orders (common random
+numbers).
 
 Probe points (where Eq. (9) is evaluated, at the end of every epoch e, n = e m - 1):
 
@@ -39,15 +40,17 @@ from noisemem.studies import rows
 from noisemem.studies.data import DataInfo, split_batches
 from noisemem.studies.models import initial_parameters, spec_model
 from noisemem.studies.plan import Chunks
-from noisemem.studies.spec import Config, StudySpec
+from noisemem.studies.spec import Config, Setting, StudySpec
 from noisemem.trajectory import memoryful_steps, trajectories
 
 
 @dataclass
 class Context:
-    """Model and batches of a study on one device (built once per actor)."""
+    """Model and batches of a study for one training setting on one device (an actor
+    builds one per setting it meets, once)."""
 
     spec: StudySpec
+    setting: Setting
     model: nn.Module
     problem: Problem
     device: str
@@ -55,15 +58,25 @@ class Context:
 
     @classmethod
     def build(
-        cls, spec: StudySpec, x: Tensor, y: Tensor, info: DataInfo, device: str = "cpu"
+        cls,
+        spec: StudySpec,
+        x: Tensor,
+        y: Tensor,
+        info: DataInfo,
+        device: str = "cpu",
+        setting: Setting | None = None,
     ) -> Context:
+        """The context of ``setting`` (by default the spec's only one)."""
         spec.check_combinations()  # from_dict did; a spec made by dataclasses.replace may not
+        if setting is None:
+            (setting,) = spec.settings  # a sweep has several: name one
         dtype = torch.float64 if spec.runtime.dtype == "float64" else torch.float32
-        model = initial_parameters(spec_model(spec, info), spec.seed).to(device=device, dtype=dtype)
+        model = initial_parameters(spec_model(spec, info), setting.seed)
+        model = model.to(device=device, dtype=dtype)
         x, y = x.to(device=device, dtype=dtype), y.to(device)
-        batches = split_batches(x, y, spec.training.batch_size)
+        batches = split_batches(x, y, setting.batch_size)
         problem = Problem(model, nn.functional.cross_entropy, batches)
-        return cls(spec, model, problem, device)
+        return cls(spec, setting, model, problem, device)
 
     @property
     def m(self) -> int:
@@ -71,11 +84,11 @@ class Context:
 
     @property
     def steps(self) -> int:
-        return self.spec.training.epochs * self.m
+        return self.setting.epochs * self.m
 
     def run(self, p: int) -> SampledRun:
-        t = self.spec.training
-        return sample_run(t.sampling, self.m, t.batch_size, self.steps, self.spec.seed, p)
+        s = self.setting
+        return sample_run(s.sampling, self.m, s.batch_size, self.steps, s.seed, p)
 
     def references(self, config: Config) -> dict[int, Tensor | None]:
         """theta at the spec's reference steps of the full-batch run (None if it diverged)."""
@@ -102,16 +115,25 @@ class Context:
             probes[f"ref{s}"] = theta
         return probes
 
+    def noise(self, at: Problem, probe: Probe | None = None) -> tuple[Tensor, float]:
+        """``(Cov, R)`` at ``at.theta``: the noise direction (THEORY §4) and the mini-batch
+        variance regularizer ``R = mean_i ||g_i - g||^2`` (THEORY §5, grad R = 2 Cov), per
+        batch, or per sample under reshuffling. ``probe`` (a :class:`Probe` of ``at``) lends
+        its batch gradients' graph to the per-batch case instead of building a second one."""
+        if self.setting.sampling == "reshuffle":
+            probe = Probe(at.per_sample())
+        elif probe is None:
+            probe = Probe(at)
+        G = probe.grads.double()
+        R = float((G * G).sum(1).mean() - (G.mean(0) ** 2).sum())
+        return probe.hessian_moments()[2], R
+
     def noise_direction(self, at: Problem, probe: Probe | None = None) -> Tensor:
-        """Cov at ``at.theta``: per batch, or per sample under reshuffling (THEORY §4).
-        ``probe`` (a :class:`Probe` of ``at``) lends its batch gradients' graph to the
-        per-batch case instead of building a second one."""
-        if self.spec.training.sampling == "reshuffle":
-            return Probe(at.per_sample()).hessian_moments()[2]
-        return (probe if probe is not None else Probe(at)).hessian_moments()[2]
+        """Cov at ``at.theta`` (see :meth:`noise`)."""
+        return self.noise(at, probe)[0]
 
     def probe_steps(self) -> list[int]:
-        return [e * self.m - 1 for e in range(1, self.spec.training.epochs + 1)]
+        return [e * self.m - 1 for e in range(1, self.setting.epochs + 1)]
 
 
 @dataclass
@@ -145,7 +167,7 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
         return _loss_and_accuracy(ctx.model, problem, t, x, y)  # (loss, accuracy as aux)
 
     batched_loss = vmap(loss_fn)
-    steps = ctx.steps
+    steps = len(runs[0].sequence)
     losses = torch.empty(steps, P, dtype=theta0.dtype, device=theta0.device)
     accs = torch.empty_like(losses)
     norms = torch.empty(steps, P, dtype=torch.float64, device=theta0.device)
@@ -201,7 +223,9 @@ def _prefix(run: SampledRun, steps: int) -> SampledRun:
 def run_chunk(
     ctx: Context, config: Config, chunk: int, worker: str = "local"
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows of ``runs``, ``steps``, ``corrections`` and ``moments`` for one chunk."""
+    """Rows of ``runs``, ``steps``, ``corrections`` and ``moments`` for one chunk (``ctx``
+    is the context of the config's training setting)."""
+    assert ctx.setting == config.setting, (ctx.setting, config.setting)
     spec, opt = ctx.spec, config.optimizer
     indices = list(Chunks.of(spec).indices(chunk))
     t0 = time.perf_counter()
@@ -322,11 +346,8 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
             continue
         at = ctx.problem.at(theta)
         probe = Probe(at)  # one graph of the batch gradients, shared by every prediction
-        out.append(
-            rows.prediction_row(
-                config, name, None, "noise_direction", ctx.noise_direction(at, probe), {}
-            )
-        )
+        cov, R = ctx.noise(at, probe)
+        out.append(rows.prediction_row(config, name, None, "noise_direction", cov, {"R": R}))
         try:
             limit = full_batch_prediction(at, opt, None, probe)
             out.append(rows.prediction_row(config, name, None, "full_batch_limit", limit, {}))
@@ -336,9 +357,7 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
             fb = full_batch_prediction(at, opt, n, probe)
             out.append(rows.prediction_row(config, name, n, "full_batch", fb, {}))
             if opt.linear:
-                ex = exact_expectation(
-                    at, opt, ctx.spec.training.sampling, n, ctx.spec.training.epochs, probe
-                )
+                ex = exact_expectation(at, opt, ctx.setting.sampling, n, ctx.setting.epochs, probe)
                 coef = dict(ex.coefficients or {})
                 assert ex.full_batch_part is not None and ex.noise_part is not None
                 for kind, v in (

@@ -31,7 +31,7 @@ from noisemem.studies.devices import choose_device, cuda_report
 from noisemem.studies.models import check_model
 from noisemem.studies.plan import Chunks, Item, work
 from noisemem.studies.spec import StudySpec
-from noisemem.studies.store import Store
+from noisemem.studies.store import Store, check_complete, check_resumable, open_for
 from noisemem.studies.worker import RemoteWorker
 
 #: how often a work item whose actor died (or whose store write failed) is tried again
@@ -211,8 +211,10 @@ class StudyHandle:
         kept for :meth:`wait`)."""
         try:
             self._schedule()
-            self.store.check_complete(self.spec)
-            self.store.mark_complete(self.progress.failed_chunks == 0)
+            done = self.store.done_chunks([c.id for c in self.spec.configs], self._chunks.count)
+            check_complete(self.store, self.spec, done)
+            manifest = self.store.read_manifest() or {}
+            self.store.write_manifest({**manifest, "complete": self.progress.failed_chunks == 0})
         except BaseException as err:  # surfaced by wait()
             self._error = err
         finally:
@@ -310,7 +312,7 @@ def load_data(spec: StudySpec) -> tuple[Any, Any, Any]:
         normalize=spec.data.normalize,
         label_column=spec.data.label_column,
         split=spec.data.split,
-        seed=spec.seed,
+        seed=spec.seed[0],  # mnist1d is generated from it; the same data for every seed
     )
     spec.check_data_size(info.num_samples)
     check_model(spec, info)
@@ -325,11 +327,12 @@ def start(spec: StudySpec, actors: int | None = None, log: Any = None) -> StudyH
     if store.uri != spec.output:  # a spec made by dataclasses.replace with a relative path
         spec = dataclasses.replace(spec, output=store.uri)
     data = load_data(spec)
-    store.check_resumable(spec)
-    device = choose_device(spec.runtime.gpu, _cluster("GPU"), check=remote_cuda_check, log=log)
     chunks = Chunks.of(spec)
-    store.write_header(spec, data[2].as_dict(), chunks.count)
-    items = work(spec, store.chunk_done)
+    check_resumable(store, spec, store.read_manifest())  # before the device check, which is slow
+    device = choose_device(spec.runtime.gpu, _cluster("GPU"), check=remote_cuda_check, log=log)
+    open_for(store, spec, data[2].as_dict(), chunks.count)
+    done = store.done_chunks([c.id for c in spec.configs], chunks.count)
+    items = work(spec, lambda config, chunk: (config, chunk) in done)
     chunk_items = [i for i in items if i.chunk is not None]
     total = len(spec.configs) * spec.training.permutations
     done = total - sum(len(chunks.indices(i.chunk)) for i in chunk_items)  # type: ignore[arg-type]
