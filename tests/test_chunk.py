@@ -186,3 +186,36 @@ def test_predictions_match_the_engine(data):
     assert noise["R"] == pytest.approx(R, rel=1e-12)
     adam_rows = predictions(ctx, spec.configs[1])
     assert not [r for r in adam_rows if r["kind"].startswith("exact")]  # no closed form
+
+
+def test_runs_with_non_finite_corrections_are_diverged_counted_and_excluded(data):
+    """Heavy ball at lr = 1e6 in float32: the parameters stay finite while the loss grows
+    past 1e27, and some runs' corrections at their own parameters are NaN. Such a run is
+    marked diverged at the first step with a non-finite correction, and every moments row
+    says how many runs it left out."""
+    raw = dict(small_spec().raw)
+    raw["model"] = {"kind": "gelu_mlp", "hidden": 8}
+    raw["optimizers"] = [{"kind": "HeavyBall", "lr": 1e6, "beta": 0.9}]
+    raw["training"] = {"batch_size": 32, "epochs": 2, "permutations": 8, "chunk_size": 8}
+    raw["probes"] = {"init": True, "epoch_end": True}
+    raw["runtime"] = {"dtype": "float32"}
+    spec = StudySpec.from_dict(raw)
+    ctx = context(spec, data)
+    rows = run_chunk(ctx, spec.configs[0], chunk=0)
+    runs = {r["permutation"]: r for r in rows["runs"]}
+    bad = [r for r in rows["corrections"] if not np.isfinite(r["norm"])]
+    assert bad, "the setting no longer produces non-finite corrections"
+    for r in bad:
+        run = runs[r["permutation"]]
+        assert run["status"] == "diverged" and run["diverged_at"] <= r["step"]
+    for p, run in runs.items():  # diverged at the first such step, or during training
+        steps = [r["step"] for r in bad if r["permutation"] == p]
+        if steps:
+            assert run["diverged_at"] == min(steps)
+    assert any(r["status"] == "ok" for r in runs.values())
+    for m in rows["moments"]:
+        assert m["count"] + m["excluded"] == 8
+        here = [
+            r for r in rows["corrections"] if (r["probe"], r["step"]) == (m["probe"], m["step"])
+        ]
+        assert m["count"] == sum(np.isfinite(r["norm"]) for r in here)

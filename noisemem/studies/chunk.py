@@ -204,10 +204,10 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
     for j, _, theta in memoryful_steps(optimizer, theta0, gradient, steps):
         if (j + 1) % ctx.m == 0:
             epoch_thetas.append(theta.clone())
-    # diverged_at: the first iterate j whose parameters or gradient were not finite (the
-    # gradient norm is not finite once theta^(j) or its gradient is not: cheaper than
+    # diverged_at: the first iterate j whose parameters, gradient or loss were not finite
+    # (the gradient norm is not finite once theta^(j) or its gradient is not: cheaper than
     # scanning theta at every step)
-    bad = (~torch.isfinite(norms)).cpu().numpy()
+    bad = (~(torch.isfinite(norms) & torch.isfinite(losses))).cpu().numpy()
     last_bad = (~torch.isfinite(theta).all(dim=1)).cpu().numpy()
     diverged = [
         int(np.argmax(bad[:, p])) if bad[:, p].any() else (steps if last_bad[p] else None)
@@ -235,6 +235,9 @@ def run_chunk(
     moments: list[dict[str, Any]] = []
     steps_of = ctx.probe_steps()
     d = ctx.problem.theta.numel()
+    # the step at which each run diverged: its training (parameters, gradient or loss not
+    # finite), or the first probe step at which one of its corrections was not finite
+    diverged: dict[int, int | None] = dict(zip(indices, ens.diverged_at, strict=True))
 
     def measure(
         name: str,
@@ -250,6 +253,8 @@ def run_chunk(
         M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
         if bool(torch.isfinite(M).all()):
             acc.add(M)
+        elif diverged[p] is None or n < diverged[p]:  # type: ignore[operator]
+            diverged[p] = n
         corrections.append(
             rows.correction_row(config, name, n, p, M, fb, noise, vector=spec.record.vectors)
         )
@@ -265,7 +270,7 @@ def run_chunk(
             acc = Moments.empty(d)
             for p, run in zip(indices, runs, strict=True):
                 measure(name, n, p, at, probe, run, fb, noise, acc)
-            moments.append(rows.moments_row(config, name, n, chunk, acc))
+            moments.append(rows.moments_row(config, name, n, chunk, acc, len(indices)))
     if spec.probes.epoch_end:
         for e, n in enumerate(steps_of):
             acc = Moments.empty(d)
@@ -278,7 +283,7 @@ def run_chunk(
                 noise = ctx.noise_direction(at, probe)
                 fb = full_batch_prediction(at, opt, n, probe)
                 measure("epoch", n, p, at, probe, run, fb, noise, acc)
-            moments.append(rows.moments_row(config, "epoch", n, chunk, acc))
+            moments.append(rows.moments_row(config, "epoch", n, chunk, acc, len(indices)))
     step_rows = _step_rows(ctx, config, indices, runs, ens) if spec.record.steps else []
     seconds = (time.perf_counter() - t0) / max(len(indices), 1)
     run_rows = [
@@ -287,8 +292,8 @@ def run_chunk(
             config,
             chunk,
             p,
-            status="ok" if ens.diverged_at[j] is None else "diverged",
-            diverged_at=ens.diverged_at[j],
+            status="ok" if diverged[p] is None else "diverged",
+            diverged_at=diverged[p],
             seconds=seconds,
             worker=worker,
             device=ctx.device,

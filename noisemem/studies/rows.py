@@ -109,8 +109,11 @@ def correction_row(
     }
 
 
-def moments_row(config: Config, probe: str, n: int, chunk: int, acc: Moments) -> dict[str, Any]:
-    """A ``moments`` row: the chunk's count, mean and M2 of M at (probe, step)."""
+def moments_row(
+    config: Config, probe: str, n: int, chunk: int, acc: Moments, runs: int
+) -> dict[str, Any]:
+    """A ``moments`` row: the chunk's count, mean and M2 of M at (probe, step), and how many
+    of its ``runs`` were left out (M not finite there, or the run had diverged)."""
     return {
         "config": config.id,
         "probe": probe,
@@ -119,6 +122,7 @@ def moments_row(config: Config, probe: str, n: int, chunk: int, acc: Moments) ->
         "count": acc.count,
         "mean": acc.mean.tolist(),
         "m2": acc.m2.tolist(),
+        "excluded": runs - acc.count,
     }
 
 
