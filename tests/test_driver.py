@@ -182,6 +182,7 @@ class FakeActor:
 
         self.run_chunk = Method(lambda ci, chunk: self._call(ci, chunk))
         self.predictions = Method(lambda ci: self._call(ci, None))
+        self.ready = Method(lambda: FakeRef("ready"))
 
     def _call(self, ci, chunk):
         outcome = self.script.pop(0)
@@ -210,7 +211,9 @@ def fake_handle(monkeypatch, tmp_path, script, actors=1, write=True, chunks=(0, 
             raise ref.outcome
         return ref.outcome
 
-    monkeypatch.setattr(driver.ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
+    monkeypatch.setattr(
+        driver.ray, "wait", lambda refs, num_returns, timeout=None: (refs[:1], refs[1:])
+    )
     monkeypatch.setattr(driver.ray, "get", fake_get)
     monkeypatch.setattr(driver.ray, "kill", lambda actor: None)
     training = {**RAW["training"], "permutations": 4}

@@ -74,6 +74,9 @@ BUILTIN_MODELS = ("gelu_mlp", "cnn", "softmax")
 NORMALIZE = ("unit", "standardize", "none")
 GPU_MODES = ("auto", "never", "always")
 DTYPES = ("float32", "float64")
+#: the largest study the driver plans: orders per config, and chunks (work items) in all
+MAX_PERMUTATIONS = 10_000_000
+MAX_CHUNKS = 100_000
 #: samplings with a fixed list of batches, which the memoryless trajectories need
 MEMORYLESS_SAMPLINGS = tuple(s for s in SAMPLINGS if s != "reshuffle")
 
@@ -251,6 +254,23 @@ def optimizer_class(where: str, kind: Any) -> type[Optimizer]:
     return cls
 
 
+def _missing(where: str, cls: type, given: Mapping[str, Any]) -> str | None:
+    """The message for required hyperparameters a grid entry leaves out (None if none)."""
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in given]
+    if not missing:
+        return None
+    optional = [f.name for f in dataclasses.fields(cls) if f.name not in required]
+    return (
+        f"{where}.{missing[0]} is missing; {cls.__name__} needs {', '.join(required)} "
+        f"(optional: {', '.join(optional) or 'none'})"
+    )
+
+
 def _expand_optimizers(raw: Any) -> list[tuple[str, Optimizer]]:
     """Every point of the optimizer grids: its label (kind and grid values) and optimizer."""
     if not isinstance(raw, list) or not raw:
@@ -275,7 +295,7 @@ def _expand_optimizers(raw: Any) -> list[tuple[str, Optimizer]]:
             try:
                 opt = cls(**kw)
             except TypeError as err:
-                raise SpecError(f"{where}: {err}") from err
+                raise SpecError(_missing(where, cls, kw) or f"{where}: {err}") from err
             except ValueError as err:
                 # the optimizer names the field ("AdamW: beta2=..."); say where it sits
                 msg = str(err).removeprefix(f"{name}: ")
@@ -343,7 +363,7 @@ class TrainingSpec:
             sampling=_values(
                 "training.sampling", r["sampling"], lambda p, v: _choice(p, v, SAMPLINGS)
             ),
-            permutations=_int("training.permutations", r["permutations"], 2, SEED_LIMIT),
+            permutations=_int("training.permutations", r["permutations"], 2),
             chunk_size=_int("training.chunk_size", r["chunk_size"], 1),
         )
 
@@ -391,17 +411,34 @@ class RecordSpec:
 class RuntimeSpec:
     actors: int = 0  # 0: one per available CPU (or GPU)
     cpus_per_actor: int = 1
+    gpus_per_actor: float = 1.0  # with GPUs: a fraction lets several actors share one
     gpu: str = "auto"
     dtype: str = "float32"
+    start_timeout: float = 300.0  # seconds to wait for the first actor (an autoscaling
+    # cluster growing); a cluster this process started never grows: refused at once
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> RuntimeSpec:
         r = _section(cls, "runtime", raw)
+        gpus = r["gpus_per_actor"]
+        ok = checks.is_real(gpus) and (0 < gpus <= 1 or (checks.is_integer(gpus) and gpus >= 1))
+        if not ok:
+            raise _fail(
+                "runtime.gpus_per_actor", gpus, "give a fraction in (0, 1] or an integer >= 1"
+            )
         return cls(
             actors=_int("runtime.actors", r["actors"], 0),
             cpus_per_actor=_int("runtime.cpus_per_actor", r["cpus_per_actor"], 1),
+            gpus_per_actor=float(gpus),
             gpu=_choice("runtime.gpu", r["gpu"], GPU_MODES),
             dtype=_choice("runtime.dtype", r["dtype"], DTYPES),
+            start_timeout=checks.real(
+                "runtime.start_timeout",
+                r["start_timeout"],
+                low=0.0,
+                allowed="it must be a number of seconds >= 0",
+                error=SpecError,
+            ),
         )
 
 
@@ -449,7 +486,27 @@ class StudySpec:
             raw=dict(raw),
         )
         spec.check_combinations()
+        spec.check_size()
         return spec
+
+    def check_size(self) -> None:
+        """Refuse studies too large to plan: every chunk is a work item and a store part."""
+        t = self.training
+        chunks = len(self.configs) * -(-t.permutations // t.chunk_size)
+        if t.permutations > MAX_PERMUTATIONS:
+            raise _fail(
+                "training.permutations",
+                t.permutations,
+                f"at most {MAX_PERMUTATIONS:,} orders per config (the standard error falls "
+                "as 1/sqrt(P): 1e6 orders already give it to 0.1%)",
+            )
+        if chunks > MAX_CHUNKS:
+            raise _fail(
+                "training.chunk_size",
+                t.chunk_size,
+                f"{len(self.configs)} configs x {t.permutations} permutations make {chunks:,} "
+                f"chunks; at most {MAX_CHUNKS:,}: raise chunk_size",
+            )
 
     def check_combinations(self) -> None:
         """Fields that are each allowed but cannot be honoured together (run by
@@ -476,9 +533,17 @@ class StudySpec:
     def from_toml(cls, path: str | Path) -> StudySpec:
         path = Path(path)
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as err:
             raise SpecError(f"spec file {str(path)!r} does not exist") from err
+        except IsADirectoryError as err:
+            raise SpecError(f"spec file {str(path)!r} is a directory; give a .toml file") from err
+        except UnicodeDecodeError as err:
+            raise SpecError(
+                f"spec file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from err
+        except PermissionError as err:
+            raise SpecError(f"spec file {str(path)!r} cannot be read (permission denied)") from err
         except tomllib.TOMLDecodeError as err:
             raise SpecError(f"spec file {str(path)!r} is not valid TOML: {err}") from err
         return cls.from_dict(raw, base=path.parent)

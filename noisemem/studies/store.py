@@ -44,6 +44,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import time
 import tomllib
 import uuid
 from collections.abc import Mapping
@@ -71,6 +73,28 @@ if TYPE_CHECKING:  # pandas is imported where frames are built: study actors nev
     import pandas as pd
 
 RECORDS = "_chunks"
+LOCK = "_lock"
+
+
+def driver_identity() -> dict[str, Any]:
+    """Who a driver is, for the study's lock: host, process and a unique id."""
+    host, pid = socket.gethostname(), os.getpid()
+    return {"driver": f"{host}:{pid}:{uuid.uuid4().hex[:8]}", "host": host, "pid": pid}
+
+
+def _alive(holder: Mapping[str, Any], stale_after: float) -> bool:
+    """Whether the driver ``holder`` still holds its lock: it refreshed it within
+    ``stale_after`` seconds and, on this host, its process still exists."""
+    if time.time() - float(holder.get("heartbeat", 0.0)) > stale_after:
+        return False
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, ValueError, OSError):
+            return True
+    return True
 
 
 class StudySpec(Protocol):
@@ -194,6 +218,45 @@ class Store:
             return False
         finally:
             os.unlink(tmp)
+
+    # -- the driver's lock ------------------------------------------------------------------
+    def lock(self, owner: Mapping[str, Any], stale_after: float) -> dict[str, Any] | None:
+        """Take the study's lock for ``owner`` (a driver); None when taken, else the record
+        of the driver that holds it. A lock whose holder stopped refreshing it for
+        ``stale_after`` seconds, or whose process on this host is gone, is taken over."""
+        for _ in range(3):
+            if self.create_exclusive(json.dumps({**owner, "heartbeat": time.time()}), LOCK):
+                return None
+            holder = self.lock_holder()
+            if holder is None:  # released meanwhile
+                continue
+            if not _alive(holder, stale_after):
+                try:
+                    self.fs.delete_file(self.path(LOCK))
+                except (OSError, pa.ArrowException):
+                    pass
+                continue
+            return holder
+        return self.lock_holder() or {"driver": "unknown"}
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.read_text(LOCK))
+        except (OSError, pa.ArrowException, ValueError):
+            return None
+
+    def refresh_lock(self, owner: Mapping[str, Any]) -> None:
+        holder = self.lock_holder()
+        if holder is not None and holder.get("driver") == owner.get("driver"):
+            self.write_text(json.dumps({**owner, "heartbeat": time.time()}), LOCK)
+
+    def unlock(self, owner: Mapping[str, Any]) -> None:
+        holder = self.lock_holder()
+        if holder is not None and holder.get("driver") == owner.get("driver"):
+            try:
+                self.fs.delete_file(self.path(LOCK))
+            except (OSError, pa.ArrowException):
+                pass
 
     # -- parts and records -------------------------------------------------------------------
     def part_name(self, table: str, config: str, chunk: int | None) -> tuple[str, str, str]:

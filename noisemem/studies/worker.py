@@ -44,6 +44,10 @@ class StudyWorker:
         self.context(spec.configs[0])  # the first setting at once: bad data fails here
         self.store = Store(spec.output)
 
+    def ready(self) -> str:
+        """Answers once the actor is up (its context built): the driver waits for one."""
+        return self.name
+
     def context(self, config: Config) -> chunk.Context:
         """The context of the config's training setting, built on first use."""
         if config.setting not in self.contexts:
