@@ -41,8 +41,32 @@ def comparison(path: str) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
+#: set in the environment of a ``ray job submit`` entrypoint (by Ray's job supervisor)
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def refuse_relative_output_in_a_job(args: argparse.Namespace, spec: StudySpec) -> None:
+    """Under ``ray job submit`` the entrypoint runs in Ray's temporary copy of the working
+    directory on the head node: a relative output (and the report in it) would go there and
+    be lost with it."""
+    import os
+
+    if RAY_JOB_ENV not in os.environ:
+        return
+    written = args.output if args.output is not None else spec.raw.get("output")
+    if written is None or "://" in str(written) or Path(str(written)).expanduser().is_absolute():
+        return
+    raise ValueError(
+        f"output={written!r} is relative, and under ray job submit the job runs in Ray's "
+        "temporary copy of the working directory, which is deleted with the job: give an "
+        "absolute path (or ~/...) or a URI such as s3://bucket/study, in the spec or with "
+        "--output"
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _spec(args)
+    refuse_relative_output_in_a_job(args, spec)
     if args.report_dir is not None:
         from noisemem.studies.prepare import check_writable_dir
 

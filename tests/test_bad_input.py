@@ -246,3 +246,19 @@ def _digest(argv: list[str]) -> str:
 def test_the_table_is_large_and_every_field_of_the_spec_room_is_in_it():
     assert len(CASES) >= 40
     assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("how", ["spec", "--output"])
+def test_a_relative_output_under_ray_job_submit_is_refused(tmp_path, capsys, monkeypatch, how):
+    from noisemem.cli import RAY_JOB_ENV
+
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")  # what Ray's job supervisor sets
+    written = "out/rel"
+    argv = spec(tmp_path, output=written) if how == "spec" else spec(tmp_path, "--output", written)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"noisemem: output={written!r} is relative, and under ray job submit the job runs in "
+        "Ray's temporary copy of the working directory, which is deleted with the job: give an "
+        "absolute path (or ~/...) or a URI such as s3://bucket/study, in the spec or with "
+        "--output\n"
+    )

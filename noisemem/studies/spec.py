@@ -465,7 +465,7 @@ class StudySpec:
         name = raw.get("name")
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise _fail("name", name, "use letters, digits, '-' and '_'")
-        output = location(raw.get("output", f"out/studies/{name}"), error=SpecError)
+        output = location(raw.get("output", f"~/noisemem/studies/{name}"), error=SpecError)
         for section in sections:
             if section != "optimizers" and not isinstance(raw.get(section, {}), Mapping):
                 raise _fail(section, raw.get(section), f"[{section}] must be a table")
