@@ -117,6 +117,42 @@ def table(
     )
 
 
+def grouped_table(
+    frame: pd.DataFrame,
+    table_id: str,
+    caption: str,
+    group: Sequence[str],
+    *,
+    classes: Sequence[str] | None = None,
+) -> str:
+    """An HTML table of text ``frame`` whose ``group`` columns span the consecutive rows
+    they are equal in (a claim stated once beside its rows); ``classes`` colours rows."""
+    cols = list(frame.columns)
+    head = "".join(f'<th class="text">{esc(c)}</th>' for c in cols)
+    values = frame.astype(str).to_numpy()
+    keys = [tuple(frame[g].astype(str)) for g in group]
+    key_rows = list(zip(*keys, strict=True)) if keys else [() for _ in range(len(frame))]
+    body = []
+    for i in range(len(frame)):
+        first = i == 0 or key_rows[i] != key_rows[i - 1]
+        span = 1
+        while first and i + span < len(frame) and key_rows[i + span] == key_rows[i]:
+            span += 1
+        cells = []
+        for j, c in enumerate(cols):
+            if c in group:
+                if first:
+                    cells.append(f'<td class="text" rowspan="{span}">{esc(values[i, j])}</td>')
+                continue
+            cell_class = f"text {esc(classes[i])}" if classes is not None else "text"
+            cells.append(f'<td class="{cell_class}">{esc(values[i, j])}</td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return (
+        f'<div class="wrap"><table id="{esc(table_id)}"><caption>{esc(caption)}</caption>'
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
 def image(data: bytes, alt: str, caption: str, figure_id: str) -> str:
     """A PNG embedded as a base64 data URI, with its caption."""
     encoded = base64.b64encode(data).decode("ascii")

@@ -126,7 +126,7 @@ def families(tables: StudyTables, vary: str, *, scaled: Sequence[str] = ()) -> p
     cf = config_frame(tables)
     constant = {k for k in SETTING if cf[k].nunique(dropna=False) <= 1}
     groups: dict[tuple, list[tuple[str, Any]]] = {}
-    labels: dict[tuple, str] = {}
+    shared: dict[tuple, dict[str, Any]] = {}  # what a family's configs share, by key
     for r in cf.itertuples(index=False):
         hp = dict(r.hp)
         setting = {k: getattr(r, k) for k in SETTING}
@@ -136,23 +136,42 @@ def families(tables: StudyTables, vary: str, *, scaled: Sequence[str] = ()) -> p
             value = setting.pop(vary)
         else:
             continue
-        extra = {}
         for name in scaled:
             if name in hp:
-                extra[f"{name}*{vary}"] = float(f"{float(hp.pop(name)) * float(value):.9g}")
-        key_items = sorted({**hp, **extra}.items()) + sorted(setting.items())
-        key = tuple((k, json.dumps(v, default=str)) for k, v in key_items)
+                hp[f"{name}*{vary}"] = float(f"{float(hp.pop(name)) * float(value):.9g}")
+        hp.setdefault("kind", r.optimizer)
+        fields_ = {**hp, **{k: v for k, v in setting.items() if k not in constant}}
+        key = tuple((k, json.dumps(v, default=str)) for k, v in sorted(fields_.items()))
         groups.setdefault(key, []).append((r.config, value))
-        shown = [f"{k}={_fmt(v)}" for k, v in sorted({**hp, **extra}.items()) if k != "kind"]
-        shown += [f"{k}={_fmt(v)}" for k, v in sorted(setting.items()) if k not in constant]
-        labels[key] = f"{hp.get('kind', r.optimizer)}({', '.join(shown)})"
-    rows = []
-    for key, members in groups.items():
-        if len({json.dumps(v, default=str) for _, v in members}) < 2:
-            continue
-        for config, value in members:
-            rows.append({"family": labels[key], "config": config, "value": value})
+        shared[key] = fields_
+    groups = {
+        k: v for k, v in groups.items() if len({json.dumps(x, default=str) for _, x in v}) > 1
+    }
+    labels = _labels({k: shared[k] for k in groups})
+    rows = [
+        {"family": labels[key], "config": config, "value": value}
+        for key, members in groups.items()
+        for config, value in members
+    ]
     return pd.DataFrame(rows, columns=["family", "config", "value"])
+
+
+def _labels(shared: dict[tuple, dict[str, Any]]) -> dict[tuple, str]:
+    """Short family labels: the optimizer and the fields in which families of the same
+    optimizer differ (``lr*weight_decay`` and the like included)."""
+    by_kind: dict[Any, list[tuple]] = {}
+    for key, fields_ in shared.items():
+        by_kind.setdefault(fields_.get("kind"), []).append(key)
+    labels = {}
+    for kind, keys in by_kind.items():
+        names = sorted({n for k in keys for n in shared[k]} - {"kind"})
+        differ = [
+            n for n in names if len({json.dumps(shared[k].get(n), default=str) for k in keys}) > 1
+        ]
+        for key in keys:
+            shown = ", ".join(f"{n}={_fmt(shared[key].get(n))}" for n in differ)
+            labels[key] = f"{kind}({shown})" if shown else str(kind)
+    return labels
 
 
 def _geometric_scale(measured: np.ndarray, shape: np.ndarray) -> float:
