@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from noisemem.studies import rows
 from noisemem.studies.chunk import Context, predictions, run_chunk
@@ -90,6 +91,15 @@ def build(
     """Compute and write ``spec``'s store in this process; ``skip(config, chunk)`` leaves a
     chunk (``None``: the config's predictions) out, as an interrupted study would. Returns
     the store's URI."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only contend on a shared machine
+    try:
+        return _build(spec, skip)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(spec: StudySpec, skip: Callable[[str, int | None], bool]) -> str:
     x, y, info = prepare(
         spec.data.source,
         limit=spec.data.limit,
@@ -152,6 +162,22 @@ def moments_row(
     }
 
 
+def step_row(config: str, p: int, step: int, first: float, second: float) -> dict[str, Any]:
+    """A ``steps`` row with the two l_inf distances (the other metrics are placeholders)."""
+    return {
+        "config": config,
+        "permutation": p,
+        "step": step,
+        "epoch": 0,
+        "batch": 0,
+        "loss": 0.0,
+        "accuracy": 0.0,
+        "grad_norm": 0.0,
+        "linf_first": first,
+        "linf_second": second,
+    }
+
+
 def prediction_row(
     config: str,
     kind: str,
@@ -180,12 +206,14 @@ def synthetic(
     statuses: Mapping[tuple[str, int], str] | None = None,
     probe: str = "init",
     step: int = 3,
+    steps: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[str, StudySpec]:
     """A store of the study ``raw`` (default :data:`TINY`) whose chunks hold the given
     vectors: ``chunk_vectors[config]`` lists one ``(n, d)`` array per chunk (their moments at
     (``probe``, ``step``)), ``prediction_rows[config]`` the config's predictions rows;
-    ``statuses[(config, p)]`` marks a run diverged. Chunks beyond the arrays given are left
-    out (missing)."""
+    ``statuses[(config, p)]`` marks a run diverged; ``steps[config]`` are its ``steps``
+    rows (each in its permutation's chunk). Chunks beyond the arrays given are left out
+    (missing)."""
     spec = StudySpec.from_dict({**(raw or TINY), "output": str(output)})
     store = Store(spec.output)
     open_for(store, spec, {"source": "synthetic", "num_samples": 64}, Chunks.of(spec).count)
@@ -202,7 +230,15 @@ def synthetic(
                 runs.append(
                     rows.run_row(spec, config, chunk, p, status=status, diverged_at=diverged)
                 )
-            row = moments_row(config.id, chunk, np.asarray(vectors), probe, step)
-            row["excluded"] = len(runs) - row["count"]
-            store.write_chunk(config.id, chunk, {"runs": runs, "moments": [row]}, worker="test")
+            tables: dict[str, list[dict[str, Any]]] = {"runs": runs}
+            vectors = np.asarray(vectors)
+            if vectors.ndim == 2 and vectors.shape[1] > 0:
+                row = moments_row(config.id, chunk, vectors, probe, step)
+                row["excluded"] = len(runs) - row["count"]
+                tables["moments"] = [row]
+            mine = set(chunks.indices(chunk))
+            tables["steps"] = [
+                r for r in (steps or {}).get(config.id, []) if r["permutation"] in mine
+            ]
+            store.write_chunk(config.id, chunk, tables, worker="test")
     return store.uri, spec
