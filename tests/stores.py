@@ -33,19 +33,19 @@ STUDIES = ROOT / "jobs" / "studies"
 #: how each ready study is shrunk for CI, over the common shrinking in :func:`shrunken`
 SHRINK: dict[str, dict[str, Any]] = {
     # batches of 16..128 of 512 samples: 32 down to 4 batches per epoch
-    "batch_size_sweep": {"data": {"limit": 512}},
+    "batch_size_sweep": {"data": {"limit": 256}},
     "beta_sweep": {"data": {"limit": 256}, "training": {"epochs": 2}},
     "digits_heavy_ball_adam": {"data": {"limit": 256}},
-    # 4 batches of 128 per epoch, 12 epochs: 48 steps of every lr
+    # 4 batches of 64 per epoch, 5 epochs: 20 steps of every lr, 4 permutations
     "figure1_digits": {
-        "data": {"limit": 512},
-        "training": {"batch_size": 128, "epochs": 12},
+        "data": {"limit": 256},
+        "training": {"batch_size": 64, "epochs": 5, "permutations": 4},
     },
     # the Hub cannot be reached in CI: the embedded digits stand in for MNIST, one batch
     # of all of them per step as in the paper's full-batch setting
     "figure1_mnist10k": {
         "data": {"source": "digits", "limit": 256, "normalize": "unit"},
-        "training": {"batch_size": 256, "epochs": 12},
+        "training": {"batch_size": 256, "epochs": 10, "permutations": 2},
         "runtime": {"gpu": "never", "actors": 0},
     },
 }
@@ -81,6 +81,19 @@ def shrunken(name: str, output: str | Path, **changes: Any) -> StudySpec:
     raw = merge(raw, SHRINK.get(name, {}))
     raw = merge(raw, changes)
     return StudySpec.from_dict(raw)
+
+
+_READY: dict[str, str] = {}
+
+
+def ready(name: str, root: Path, **changes: Any) -> str:
+    """The shrunken study ``name`` built once per test session under ``root`` (the tests
+    that read it share it): its store's URI."""
+    key = f"{name}{sorted(changes.items())!r}"
+    if key not in _READY:
+        folder = root / f"{name}-{len(_READY)}"
+        _READY[key] = build(shrunken(name, folder, **changes))
+    return _READY[key]
 
 
 def build(
