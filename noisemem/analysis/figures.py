@@ -30,7 +30,7 @@ from noisemem.studies.tables import StudyTables
 #: the most panels a small-multiples figure draws (the rest are named in its title)
 MAX_PANELS = 12
 #: the most coordinates a scatter draws per panel (an even subsample of the rest)
-MAX_POINTS = 3000
+MAX_POINTS = 600
 
 
 @contextmanager
@@ -49,7 +49,7 @@ def png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=96)
     plt.close(fig)
     return buf.getvalue()
 
