@@ -82,8 +82,12 @@ def _last_fixed_keys(tables: StudyTables) -> list[tuple[str, str, int]]:
     return list(keys.values())
 
 
-def _reference(preds: Predictions, key: tuple[str, str, int]) -> tuple[str, np.ndarray | None]:
-    for kind in ("exact_mean", "noise_aware_mean", "full_batch"):
+def _reference(
+    preds: Predictions,
+    key: tuple[str, str, int],
+    kinds: tuple[str, ...] = ("exact_mean", "noise_aware_mean", "full_batch"),
+) -> tuple[str, np.ndarray | None]:
+    for kind in kinds:
         v = preds.vector(*key, kind)
         if v is not None and np.linalg.norm(v) > 0:
             return kind, v
@@ -91,8 +95,8 @@ def _reference(preds: Predictions, key: tuple[str, str, int]) -> tuple[str, np.n
 
 
 def convergence(tables: StudyTables) -> bytes | None:
-    """E[M] along the reference direction u (exact, else noise-aware, else full-batch,
-    else the final MC mean), in units of |reference|, as the chunks are merged one by one;
+    """E[M] along the reference direction u (exact, else noise-aware, else the final MC
+    mean), in units of |reference|, as the chunks are merged one by one;
     the band is final +- 1.96 sigma/sqrt(P) with sigma = the final jackknife SE x sqrt(P)."""
     stats = chunk_stats(tables.moments)
     preds = Predictions(tables.predictions)
@@ -103,7 +107,7 @@ def convergence(tables: StudyTables) -> bytes | None:
         fig, axes = _grid(plt, min(len(keys), MAX_PANELS))
         for ax, key in zip(axes, keys, strict=False):
             s = stats[key]
-            name, ref = _reference(preds, key)
+            name, ref = _reference(preds, key, ("exact_mean", "noise_aware_mean"))
             final = s.pooled()
             if ref is None:
                 ref = final.mean
@@ -124,6 +128,9 @@ def convergence(tables: StudyTables) -> bytes | None:
             if name != "final MC":
                 ax.axhline(1.0, color="k", lw=0.8, ls="--", label=name)
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
+            ax.set_xticks(P)
             ax.set_xlabel("P (runs merged)")
             ax.set_ylabel(f"<E[M], u>/|{name}|")
             ax.set_title(f"{short(key[0])}\n{key[1]} step {key[2]}")
