@@ -1,5 +1,5 @@
 """The ``noisemem`` command: ``validate`` a spec, ``run`` a study, ``status``, ``verify`` and
-``show`` a store, write its ``report``.
+``show`` a store, write its ``report`` (``report.html`` and ``summary.parquet`` in the store).
 
 The front door: it reads specs and stores (:mod:`noisemem.studies`), runs studies on Ray
 (:mod:`noisemem.studies.driver`, imported only when a study runs) and shows what the
@@ -83,10 +83,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise Failed(notes[-1]) from err
     print(comparison(path))
     from noisemem.analysis.report import write_report
-    from noisemem.studies.tables import load
 
-    report = write_report(load(path), Path(args.report_dir or "out/reports") / spec.name)
-    print(f"\nstore: {path}\nreport: {report.resolve()}")
+    copy = None if args.report_dir is None else Path(args.report_dir) / spec.name
+    report = write_report(path, copy)
+    print(f"\nstore: {path}\nreport: {report}")
+    if copy is not None:
+        print(f"report copy: {(copy / 'report.html').resolve()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from noisemem.analysis.report import write_report
+    from noisemem.studies.tables import open_manifest
+
+    open_manifest(args.path)  # one clear line for a path that holds no study
+    if args.out_dir is not None:
+        from noisemem.studies.prepare import check_writable_dir
+
+        check_writable_dir("--out-dir", args.out_dir)
+    print(write_report(args.path, args.out_dir))
     return 0
 
 
@@ -145,6 +160,7 @@ COMMANDS = {
     "verify": cmd_verify,
     "show": cmd_show,
     "validate": cmd_validate,
+    "report": cmd_report,
 }
 
 
@@ -166,13 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--gpu", choices=GPU_MODES, default=None, help="override runtime.gpu (auto|never|always)"
     )
-    run.add_argument("--report-dir", default=None, help="also write the report here")
+    run.add_argument(
+        "--report-dir", default=None, help="also write a copy of the report into DIR/<name>"
+    )
     for name, text in (
         ("status", "what a study store holds (from its parts, checked)"),
         ("verify", "check every part of a store; list what is missing or damaged"),
         ("show", "print a study's comparison table"),
     ):
         sub.add_parser(name, help=text).add_argument("path")
+    report = sub.add_parser(
+        "report", help="write report.html and summary.parquet into a store (and a copy)"
+    )
+    report.add_argument("path")
+    report.add_argument("--out-dir", default=None, help="also write copies here")
     validate = sub.add_parser(
         "validate", help="check a spec; print its configs, runs and a cost estimate (no Ray)"
     )
