@@ -33,12 +33,23 @@ def _spec(args: argparse.Namespace) -> StudySpec:
 
 
 def comparison(path: str) -> str:
-    """The comparison table of a store, as text (Monte Carlo vs exact vs full-batch)."""
-    from noisemem.analysis.compare import comparison_table
+    """A store's comparison, as text: the Monte Carlo E[M] at each fixed point against the
+    exact expectation and the full-batch prediction there; and each run's M at its own
+    parameters after each epoch (no single prediction there: per-run cosines, averaged)."""
+    from noisemem.analysis.compare import comparison_table, epoch_summary, is_fixed
     from noisemem.studies.tables import load
 
-    table = comparison_table(load(path))
-    return table.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    tables = load(path)
+    table = comparison_table(tables)
+    if len(table):
+        table = table[[is_fixed(p) for p in table["probe"]]]
+    text = ["E[M] at fixed points (Monte Carlo vs exact vs full-batch prediction):"]
+    text.append(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    epochs = epoch_summary(tables)
+    if len(epochs):
+        text += ["", "M at each run's own parameters after each epoch (means over runs):"]
+        text.append(epochs.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return "\n".join(text)
 
 
 #: set in the environment of a ``ray job submit`` entrypoint (by Ray's job supervisor)
