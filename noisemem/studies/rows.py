@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 
 @cache
-def versions() -> str:
-    """The library versions a row was computed with (JSON), read without importing them."""
+def versions(device: str = "cpu") -> str:
+    """The library versions a row was computed with (JSON; Ray's and pyarrow's read without
+    importing them), torch's CUDA version and the name of the device computed on."""
 
     def version(name: str) -> str:
         try:
@@ -30,13 +31,19 @@ def versions() -> str:
         except metadata.PackageNotFoundError:  # pragma: no cover - both are dependencies
             return "missing"
 
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = platform.processor() or platform.machine()
     return json.dumps(
         {
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
             "ray": version("ray"),
             "numpy": np.__version__,
             "pyarrow": version("pyarrow"),
+            "device_name": name,
         }
     )
 
@@ -62,9 +69,10 @@ def run_row(spec: StudySpec, config: Config, chunk: int, p: int, **fields: Any) 
         "seconds": None,
         "worker": None,
         "device": None,
-        "versions": versions(),
+        "versions": None,
     }
     row.update(fields)
+    row["versions"] = versions(row["device"] or "cpu")
     return row
 
 

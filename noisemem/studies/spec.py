@@ -69,8 +69,8 @@ from noisemem.checks import SAMPLINGS, SEED_LIMIT
 from noisemem.optim import OPTIMIZERS, Optimizer
 from noisemem.studies.store import fingerprint, location
 
-BUILTIN_DATA = ("digits", "mnist1d")
-BUILTIN_MODELS = ("gelu_mlp", "cnn", "softmax")
+BUILTIN_DATA = ("digits", "mnist1d", "synthetic:cifar10")
+BUILTIN_MODELS = ("gelu_mlp", "cnn", "softmax", "resnet18")
 NORMALIZE = ("unit", "standardize", "none")
 GPU_MODES = ("auto", "never", "always")
 DTYPES = ("float32", "float64")
