@@ -1,4 +1,161 @@
-"""Noise-aware prediction of E[M^(n)] over batch orders (DOCSTRING PLACEHOLDER)."""
+"""Noise-aware prediction of E[M^(n)] over batch orders for any optimizer with a closed Phi.
+
+The full-batch forms of Appendix E (Lemmas K.1-K.3) stop describing E[M] once mini-batch
+noise is comparable to the gradient; the paper leaves Adam and Lion under noise open
+(Appendix A). Here Eq. (9) is expanded around the expectation of the momentum variables over
+batch orders, keeping every term up to second order in their fluctuations and the batch that
+the Hessian belongs to exactly; the expectation of each term is then an exact sum over the
+ways the positions involved can coincide (THEORY §4's s_same and s_diff, generalised).
+
+Notation (THEORY §1): m batches, g_i = grad L_i, H_i, g = mean_i g_i, H = mean_i H_i,
+v = mean_i g_i^2 (elementwise), delta_i = g_i - g, eps_i = g_i^2 - v; <f> = mean_i f_i.
+
+1. Eq. (9) in channels
+----------------------
+Form-based optimizers (:class:`noisemem.optim.Form`) see their momenta through three
+channels: x = the sum of the gradient momenta, q = the squared-gradient one, p = the
+decoupled weight decay. With every history slot at theta,
+
+    x_s = sum_{c<=s} k_x(s,c) g_sigma(c),  k_x(s,c) = sum_{l in x} (+-) b_l^(s+1) beta_l^(s-c),
+    q_s = sum_{c<=s} k_q(s,c) g_sigma(c)^2,  p_s = K_p(s) theta,  F^(s) = Phi(x_s, q_s, p_s)
+
+(sign - for Lion's NEG_GRAD sources; NAdam's instantaneous g is the beta = 0 part of k_x).
+dx_n/dtheta^(a) = k_x(n,a) H_sigma(a) and dq_n/dtheta^(a) = k_q(n,a) 2 diag(g_sigma(a)) H_sigma(a)
+(J[g^2] = 2 diag(g) H, THEORY §3), so Eq. (9) is, with j in {x, q}, h_j(a) = k_j(n,a),
+T_x(i) = 1 and T_q(i) = 2 g_i,
+
+    M^(n)/h = sum_{a<n} sum_j h_j(a) Phi_j(x_n, q_n) . T_j(sigma(a)) . H_sigma(a) U_a,
+    U_a = sum_{s=a}^{n-1} F^(s)                                                    (E1)
+
+(Phi_j = dPhi/dj, elementwise; "." is the elementwise product).
+
+2. The expansion (Adam(W), NAdam(W), heavy ball, Nesterov)
+----------------------------------------------------------
+Every position's batch is uniform over the m batches, so E x_s = mu_x(s) = K_x(s) g and
+E q_s = mu_q(s) = K_q(s) v, K(s) = sum_c k(s,c) (= 1 with Adam's bias correction). With
+Z_x(s) = sum_c k_x(s,c) delta_sigma(c), Z_q(s) = sum_c k_q(s,c) eps_sigma(c) and every
+Phi-derivative at the means (step n on the left, step s on the right):
+
+    Phi_j(x_n, q_n) = Phi_j + sum_k Phi_jk Z_k(n) + 1/2 sum_{k,k2} Phi_jkk2 Z_k(n) Z_k2(n) + ...
+    F^(s)           = Phi(s) + sum_k Phi_k(s) Z_k(s) + 1/2 sum_{k,k2} Phi_kk2(s) Z_k Z_k2 + ...
+
+Inserted in (E1), the products of total order <= 2 in Z are six terms (the ``terms`` keys):
+
+    mean_field/j                        Phi_j . T_j H_sigma(a) Phi(s)
+    step_covariance/j/k                 Phi_j . T_j H_sigma(a) (Phi_k(s) Z_k(s))
+    preconditioner_covariance/j/k       Phi_jk Z_k(n) . T_j H_sigma(a) Phi(s)
+    preconditioner_step_covariance/j/k  Phi_jk Z_k(n) . T_j H_sigma(a) (Phi_k2(s) Z_k2(s))
+    preconditioner_variance/j/kk2       1/2 Phi_jkk2 Z_k(n) Z_k2(n) . T_j H_sigma(a) Phi(s)
+    step_variance/j/kk2                 1/2 Phi_j . T_j H_sigma(a) (Phi_kk2(s) Z_k Z_k2)
+
+("preconditioner": dPhi/dm at step n, which multiplies the Hessian; for Adam 1/sqrt(m2 + eps)
+and the m1 d/dm2 part). mean_field is the form of THEORY §8 (AdamW:
+h [a1 H phi/sqrt(D) - a2 g . <g_i . H_i phi>/D^(3/2)], D = v + eps, phi = g/sqrt(D) +
+lambda theta); with one batch or identical ones every Z vanishes, v = g^2, and it is
+Lemma K.2 (K.1, K.3) exactly.
+
+Orders. Adam's Phi = x rho(q) + p is linear in x, so no product has more than two Z_x and
+the x part is exact; what is dropped is third and higher order in Z_q (Z_q^3, Z_x Z_q^2,
+Z_q^2 against the Hessian's batch, ...), O(nu^3) with nu = std(Z_q)/(v + eps) per
+coordinate: about sqrt(1 - beta2) CV(g^2) late in a run, sqrt(1/(s+1)) CV(g^2) at its first
+bias-corrected steps, which are the least accurate part. Heavy ball and Nesterov have
+Phi = x: the expansion is exact and equals :func:`noisemem.expectation.exact_expectation`
+at every n.
+
+3. Coincidence classes: the exact expectation of each term
+-----------------------------------------------------------
+A term is a sum over positions (a: the Hessian's batch; e, f <= n on the left; c, c2 <= s on
+the right) of weights times per-position batch quantities. Its expectation depends only on
+which positions coincide and which distinct ones share an epoch (drawn without replacement).
+For distinct positions of one epoch and zero-mean h, k (the fluctuations):
+
+    E[f(i) h(j)]      = pair <f h>,                               pair = -1/(m-1) (s_diff)
+    E[f(i) h(j) k(l)] = three_self <f h k> + three_mean <f><h k>,
+                        three_self = 2/((m-1)(m-2)),  three_mean = -m/((m-1)(m-2))
+    E[f(i) (h k)(j)]  = apart <f><h k> + pair <f h k>,            apart = m/(m-1)
+
+(the first is THEORY §4's E_diff - H g = -Cov/(m-1)); a lone fluctuation in an epoch of its
+own averages to 0. The batch objects, with A_j(w) = <T_j H_i w> (= H w, or <2 g_i . H_i w>),
+zeta, xi in {delta, eps}:
+
+    step_covariance                 <T_j H_i (Psi . xi_i)>                        one pass
+    preconditioner_covariance       <zeta_i . T_j H_i Psi>                        one pass
+    preconditioner_step_covariance  E2 = <zeta_i . A_j(Psi . xi_i)>              m passes
+                                    S3 = <zeta_i . T_j H_i (Psi . xi_i)>          one pass
+    *_variance                      <zeta zeta2> . A_j(Psi), <zeta_i zeta2_i . T_j H_i Psi>,
+                                    A_j(Psi . <xi xi2>), <T_j H_i (Psi . xi_i xi2_i)>
+
+Psi = sum_s W(s) V(s), V(s) the Phi-derivative at step s the term needs and W(s) its class
+weight; for instance step_covariance has W(s) = sum_{a<=s} sum_{c<=s} h_j(a) S(a,c) k_k(s,c)
+with S = 1 (a = c), pair (a != c, one epoch), 0 (different epochs): for heavy ball this is
+THEORY §4's C_same s_same + C_epoch s_diff. All weights take O(n^2) (cumulative sums over a,
+epoch sums over e).
+
+Sampling: ``"permute"``, epochs of m consecutive positions (the paper, Sec. 6.2);
+``"replacement"``, every position independent (pair = three_* = 0, apart = 1).
+``"reshuffle"`` is not supported: fresh batches are random b-subsets, and their second-order
+objects (E2, S3, ...) do not reduce to per-sample moments without O(N) Hessian passes.
+
+4. The n -> infinity limit (``step=None``)
+------------------------------------------
+As in Sec. 6.2 the limit takes m = n + 1 -> infinity as well, so pair, three_* -> 0 and the
+positions are independent; the kernels are stationary (the scales b_l at a large step; NAdam
+with ``momentum_decay`` takes the paper's scales, mu_t -> beta1). With lags p = n - a >= 1,
+kappa_k(u) the weight u steps back, Rc_k(u) = sum_{v<=u} kappa_k(v) and
+C(t) = sum_u kappa_k(t+u) kappa_k2(u) (from kappa_k's geometric components), e.g.
+
+    mean_field       sum_p p h(p)          (beta/(1-beta) for Adam: Lemma K.2's a_j)
+    step_covariance  sum_p h(p) Rc_k(p-1)  (beta/((1-beta)^2 (1+beta)) for heavy ball)
+    E2, S3           sum_p h(p) [sum_{t<=p} C(t) - kappa_k(p) Rc_k2(p-1)],
+                     sum_p h(p) kappa_k(p) Rc_k2(p-1)
+
+over L lags, beta_max^L < :data:`LIMIT_TAIL`.
+
+5. Lion: a Gaussian closure instead of the series
+-------------------------------------------------
+For Phi = -s(x) + p, s(x) = x/sqrt(x^2 + eps), the fluctuation of x is not small against
+sqrt(x^2 + eps) unless eps is large: on digits at eps = 1e-6 the term 1/2 s''' Var(x) alone
+is 67% of |E[M]| and the series diverges. Instead x_s is taken Gaussian per coordinate with
+its exact variance over orders, Var x_s = gamma(s) <delta^2> (gamma from the kernel and the
+classes), and x_n as its own batch's term, exactly, plus a Gaussian rest,
+x_n = mu_n + k' delta_sigma(n) + N(0, gamma_rest <delta^2>): step n's batch carries most of
+x_n's variance (weight 1 - rho1, against rho1 (1 - rho2) for each earlier one), and the
+left factor s'(x_n) is where the Gaussian shape matters most. The Phi-derivatives are
+replaced by their averages under that law (:func:`_smoothed_soft_sign`) and the covariances
+follow from Stein's lemma, E[f(X) Y] = E[f'(X)] Cov(X, Y) for jointly Gaussian X, Y: the
+same step and preconditioner covariance terms with averaged derivatives, while the variance
+terms are inside the averages and are not added again. Dropped: the non-Gaussian cumulants of
+x_s for s < n, the second and higher Hermite orders of the covariances (O(r^2) in the
+correlation r of x_n and x_s), and the nonlinearity of the coincidence a = c = s (the
+Hessian's batch is the step's own batch), which Stein's lemma linearises.
+
+6. full_batch_part, noise_part, and where the noise part is a gradient
+----------------------------------------------------------------------
+``full_batch_part`` is :func:`noisemem.full_batch.full_batch_prediction` at the same step,
+what survives with one batch or identical batches; ``noise_part = mean - full_batch_part``
+(for Adam it includes the change g^2 -> v = g^2 + <delta^2> inside D).
+
+* Heavy ball, Nesterov: noise_part = h c Cov = (h c/2) grad R, R = <||g_i - g||^2>
+  (THEORY §5): a regularizer, exactly.
+* Every optimizer: step_covariance/x/x = h Phi_x(n) . grad_theta R_Psi(theta), Psi frozen,
+  with R_Psi = 1/2 <sum_r Psi_r (g_i,r - g_r)^2> and Psi = sum_s W(s) Phi_x(s): the
+  preconditioned gradient of a Psi-weighted variance of the batch gradients. For AdamW with
+  bias correction Psi = W P with P = 1/sqrt(v + eps) (eps inside), the preconditioner of
+  Sec. 4's "grad L~ / |grad L|" form, and P . <H_i (P delta_i)> = P . [grad sum_r
+  sqrt(v_r + eps) - H (P g)], whose first part has a true potential, sum_r sqrt(v_r + eps).
+* The other terms multiply Hessian-vector products elementwise by batch-dependent factors
+  (g, delta_i, eps_i) outside H; their Jacobians are not symmetric and they are not the
+  gradient of a potential in general (nor is the noise part of Adam or Lion as a whole).
+
+The anti-regularization direction of Sec. 4 is :func:`anti_regularization_direction`,
+d = grad ||grad L||_{1,eps} = H (g/sqrt(g^2 + eps)) (or H (g/sqrt(v + eps))), and
+:func:`signed_projection` the signed length of a vector along it.
+
+Cost: the batch gradients and, per prediction, one Hessian pass (a backward pass through the
+batch gradients' graph, all batches) per term and channel, plus m passes per channel pair
+of preconditioner_step_covariance with Phi_jk != 0: about 3m + 26 for Adam, m + 4 for Lion,
+2-3 for heavy ball. The class weights take O(n^2) time and memory.
+"""
 
 from __future__ import annotations
 
@@ -506,6 +663,12 @@ class _Batches:
         return out.mean(0)
 
 
+def _closure(optimizer: Optimizer) -> bool:
+    """Whether Phi is expanded by the Gaussian closure (section 5) rather than the series."""
+    form = optimizer.form
+    return form is not None and form.kind == "soft_sign"
+
+
 def _nonzero(t: Tensor) -> bool:
     return bool(torch.count_nonzero(t))
 
@@ -531,7 +694,7 @@ def _assemble(
     Kx, Kq, Kp, gamma = (torch.as_tensor(r, dtype=dtype)[:, None] for r in point_K)
     form = optimizer.form
     assert form is not None
-    gaussian = form.kind == "soft_sign"
+    gaussian = _closure(optimizer)
     if gaussian:
         sd = torch.sqrt(gamma * (B.fluct["x"] ** 2).mean(0))
         D = _smoothed_soft_sign(form.eps, Kx * B.g, sd, Kp * theta)
@@ -647,9 +810,8 @@ def noise_aware_prediction(
     B = _Batches(probe)
     if step is None:
         lk = _lag_kernels(optimizer)
-        K = np.array(
-            [[lk.kappa["x"].sum()], [lk.kappa["q"].sum() if "q" in lk.kappa else 0.0], [lk.P]]
-        )
+        Kq = lk.kappa["q"].sum() if "q" in lk.kappa else 0.0
+        K = np.array([[lk.kappa["x"].sum()], [Kq], [lk.P], [(lk.kappa["x"] ** 2).sum()]])
         W = {key: np.array([w]) for key, w in _limit_weights(lk).items()}
         law_pair = 0.0
         left = 0
@@ -659,13 +821,17 @@ def noise_aware_prediction(
         kern = _finite_kernels(optimizer, n)
         law = _law(sampling, problem.num_batches, n)
         Kq = kern.K["q"].sum(1) if "q" in kern.K else np.zeros(n + 1)
-        sums = np.stack([kern.K["x"].sum(1), Kq, kern.P, _variance_factor(kern.K["x"], law)])
+        # the variance of x only enters the Gaussian closure (section 5)
+        gamma = _variance_factor(kern.K["x"], law) if _closure(optimizer) else np.zeros(n + 1)
+        sums = np.stack([kern.K["x"].sum(1), Kq, kern.P, gamma])
         K, index = _group_points(sums)
         left = int(index[n])
-        row = kern.K["x"][n].copy()
+        # step n's own batch: its weight with the mean shift of the rest of its epoch (drawn
+        # from the other batches), and the rest's variance chosen so that Var x_n is exact
+        row = kern.K["x"][n]
         k_own = row[n] + law.pair * row[:n][law.epoch[:n] == law.epoch[n]].sum()
-        row[n] = 0.0
-        current = (float(k_own), float(_variance_factor(row[None, :], law)[0]))
+        gamma_n = _variance_factor(row[None, :], law)[0]
+        current = (float(k_own), float(gamma_n - k_own**2))
         W = {}
         for key, w in _finite_weights(kern, law, n).items():
             W[key] = np.bincount(index[:n], weights=w, minlength=K.shape[1])
@@ -712,3 +878,58 @@ def noise_aware_correction(
     n = check_noise_aware_args(optimizer, step, sampling)
     problem = as_problem(model, loss_fn, batches)
     return noise_aware_prediction(problem, optimizer, n, sampling=sampling)
+
+
+# -- the anti-regularization direction of Sec. 4 ----------------------------------------------
+def direction_at(probe: Probe, eps: float, weighted: bool = False) -> Tensor:
+    """Sec. 4's direction ``d = grad_theta ||grad L||_{1,eps} = H (g / sqrt(g^2 + eps))``, or
+    with ``weighted`` the noise-aware one ``H (g / sqrt(v + eps))``, v = mean_i g_i^2."""
+    g = probe.full_grad()
+    if weighted:
+        G = probe.grads
+        D = (G * G).mean(0) + eps
+    else:
+        D = g * g + eps
+    return probe.full_hvp(g * torch.rsqrt(D))
+
+
+def anti_regularization_direction(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    *,
+    eps: float,
+    weighted: bool = False,
+) -> Tensor:
+    """The direction along which AdamW's memory anti-penalizes ``||grad L||_{1,eps}`` (Sec. 4):
+
+        d = grad_theta sum_r sqrt((grad_r L)^2 + eps) = H (g / sqrt(g^2 + eps))
+
+    (``weighted=True``: ``H (g / sqrt(v + eps))`` with ``v = mean_i g_i^2``, the mini-batch
+    second moment Adam divides by). Flat ``(d,)``, at the model's current parameters.
+    """
+    checks.real("eps", eps, low=0.0, low_open=True, allowed="eps must be a finite number > 0")
+    checks.flag("weighted", weighted)
+    return direction_at(Probe(as_problem(model, loss_fn, batches)), float(eps), weighted)
+
+
+def signed_projection(vector: Tensor, direction: Tensor) -> float:
+    """``<vector, direction> / ||direction||``: the signed length of ``vector`` along it."""
+    if vector.shape != direction.shape:
+        raise ValueError(
+            f"vector and direction must have the same shape; got {tuple(vector.shape)} and "
+            f"{tuple(direction.shape)}"
+        )
+    norm = float(direction.norm())
+    if not norm > 0.0:
+        raise ValueError("direction=0 is not allowed; it must be a nonzero vector")
+    return float(vector @ direction) / norm
+
+
+__all__ = [
+    "NOISE_AWARE_SAMPLINGS",
+    "NoiseAwarePrediction",
+    "anti_regularization_direction",
+    "noise_aware_correction",
+    "signed_projection",
+]
