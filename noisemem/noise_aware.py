@@ -161,13 +161,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import jvp
 
 from noisemem import checks
 from noisemem.full_batch import full_batch_prediction
@@ -518,48 +517,47 @@ def _limit_weights(lk: _LagKernels) -> dict[WeightKey, float]:
 
 
 # -- Phi and its partial derivatives in the channels ---------------------------------------
-def _phi_of_channels(optimizer: Optimizer) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """``(x, q, p) -> Phi``: the optimizer's own phi with the channels placed in its
-    momenta (x in the first gradient momentum, q in the squared-gradient one, p in the
-    first PARAM one, zeros elsewhere: Form sums them)."""
-    roles = []
-    seen: set[str] = set()
-    for v in optimizer.variables:
-        ch = {Source.GRAD_SQ: "q", Source.PARAM: "p"}.get(v.source, "x")
-        roles.append(ch if ch not in seen else None)
-        seen.add(ch)
+def _rho_derivatives(q: Tensor, eps: float, eps_in_sqrt: bool) -> list[Tensor]:
+    """``rho(q)`` and its first three derivatives: rho = (q + eps)^(-1/2) (eps inside), or
+    rho = 1/(sqrt(q) + eps) (outside), where with u = sqrt(q)
 
-    def phi(x: Tensor, q: Tensor, p: Tensor) -> Tensor:
-        value = {"x": x, "q": q, "p": p}
-        m = [value[r] if r is not None else torch.zeros_like(x) for r in roles]
-        return optimizer.phi(*m)
+        rho'   = -1/(2u(u+eps)^2),   rho'' = 1/(4u^3(u+eps)^2) + 1/(2u^2(u+eps)^3),
+        rho''' = -3/(8u^5(u+eps)^2) - 3/(4u^4(u+eps)^3) - 3/(4u^3(u+eps)^4).
 
-    return phi
+    Outside, where q = 0 the derivatives are 0, as :func:`noisemem.optim._adam_step`'s guard
+    makes them in Eq. (9) (every gradient in the memory is 0 there)."""
+    if eps_in_sqrt:
+        r = torch.rsqrt(q + eps)
+        r2 = r * r
+        return [r, -0.5 * r * r2, 0.75 * r * r2 * r2, -1.875 * r * r2 * r2 * r2]
+    pos = q > 0
+    u = torch.sqrt(torch.where(pos, q, 1.0))
+    w = u + eps
+    d1 = -1.0 / (2 * u * w**2)
+    d2 = 1.0 / (4 * u**3 * w**2) + 1.0 / (2 * u**2 * w**3)
+    d3 = -3.0 / (8 * u**5 * w**2) - 3.0 / (4 * u**4 * w**3) - 3.0 / (4 * u**3 * w**4)
+    rho = torch.where(pos, 1.0 / w, 1.0 / eps)
+    return [rho] + [torch.where(pos, d, 0.0) for d in (d1, d2, d3)]
 
 
 def _partials(
-    phi: Callable[[Tensor, Tensor, Tensor], Tensor],
-    x: Tensor,
-    q: Tensor,
-    p: Tensor,
-    order: int = 3,
+    optimizer: Optimizer, x: Tensor, q: Tensor, p: Tensor
 ) -> dict[tuple[int, int], Tensor]:
-    """``d^(i+j) Phi / dx^i dq^j`` at (x, q, p) for i + j <= order, elementwise, by nested
-    forward-mode derivatives (Phi is elementwise, so a tangent of ones gives the partial)."""
-    ones, zeros = torch.ones_like(x), torch.zeros_like(x)
-
-    def along(f: Callable[[Tensor, Tensor], Tensor], ch: int) -> Callable[[Tensor, Tensor], Tensor]:
-        tangent = (ones, zeros) if ch == 0 else (zeros, ones)
-        return lambda a, b: jvp(f, (a, b), tangent)[1]
-
-    fns: dict[tuple[int, int], Callable[[Tensor, Tensor], Tensor]] = {
-        (0, 0): lambda a, b: phi(a, b, p)
-    }
-    for total in range(1, order + 1):
-        for i in range(total, -1, -1):
-            j = total - i
-            fns[i, j] = along(fns[i - 1, j], 0) if i > 0 else along(fns[i, j - 1], 1)
-    return {key: f(x, q).detach() for key, f in fns.items()}
+    """``d^(i+j) Phi / dx^i dq^j`` at (x, q, p) for i + j <= 3, elementwise, for the forms
+    the series expands (section 2): "sum", Phi = x + p; "adam", Phi = x rho(q) + p."""
+    form = optimizer.form
+    assert form is not None
+    zero = torch.zeros_like(x)
+    D = {(i, t - i): zero for t in range(4) for i in range(t + 1)}
+    if form.kind == "sum":
+        D[0, 0], D[1, 0] = x + p, torch.ones_like(x)
+        return D
+    rho = _rho_derivatives(q, form.eps, form.eps_in_sqrt)
+    for j in range(4):
+        D[0, j] = x * rho[j] + p if j == 0 else x * rho[j]
+        if j < 3:
+            D[1, j] = rho[j]
+    return D
 
 
 #: nodes of the Gaussian averages of the soft sign (accurate to ~1e-5 of each one's scale)
@@ -699,7 +697,7 @@ def _assemble(
         sd = torch.sqrt(gamma * (B.fluct["x"] ** 2).mean(0))
         D = _smoothed_soft_sign(form.eps, Kx * B.g, sd, Kp * theta)
     else:
-        D = _partials(_phi_of_channels(optimizer), Kx * B.g, Kq * B.v, Kp * theta)
+        D = _partials(optimizer, Kx * B.g, Kq * B.v, Kp * theta)
 
     def psi(key: WeightKey, deriv: tuple[int, int]) -> Tensor:
         w = torch.as_tensor(W[key], dtype=dtype)
