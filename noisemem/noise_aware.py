@@ -174,7 +174,7 @@ from noisemem.optim import NAdamW, Optimizer, Source, require_smooth
 from noisemem.probe import Probe
 from noisemem.problem import Batch, LossFn, Problem, as_problem
 
-#: the sampling schemes the prediction supports (see the module docstring for reshuffle)
+#: the sampling schemes the prediction supports (module docstring, section 3, on reshuffle)
 NOISE_AWARE_SAMPLINGS = ("permute", "replacement")
 #: Phi's closed forms it expands (:class:`noisemem.optim.Form` kinds)
 EXPANDED_FORMS = ("sum", "adam", "soft_sign")
@@ -227,6 +227,13 @@ def check_noise_aware_args(optimizer: object, step: object, sampling: object) ->
                 optimizer,
                 "a PARAM momentum must have beta = 0 (decoupled weight decay without memory)",
             )
+    if sampling == "reshuffle":
+        raise checks.not_allowed(
+            "sampling",
+            sampling,
+            "fresh batches' second-order moments need O(N) Hessian passes (module docstring, "
+            f"section 3); use one of {', '.join(NOISE_AWARE_SAMPLINGS)}",
+        )
     checks.choice("sampling", sampling, NOISE_AWARE_SAMPLINGS)
     if step is None:
         return None
@@ -305,7 +312,7 @@ def _lag_kernels(optimizer: Optimizer) -> _LagKernels:
 @dataclass(frozen=True)
 class _Law:
     """Which positions share an epoch (drawn without replacement) and the constants of the
-    coincidence classes (module docstring, "classes"):
+    coincidence classes (module docstring, section 3):
 
     * ``pair``   = E[f(i) h(j)] / <f h> for distinct positions of one epoch, h zero-mean:
       -1/(m-1) (permute; s_diff of THEORY §4), 0 (independent positions);
@@ -341,7 +348,7 @@ def _epoch_sums(w: np.ndarray, epoch: np.ndarray) -> np.ndarray:
     return w @ onehot
 
 
-# -- class weights, finite n (module docstring, "weights") ----------------------------------
+# -- class weights, finite n (module docstring, section 3) -----------------------------------
 def _weight_mean_field(h: np.ndarray) -> np.ndarray:
     """``W(s) = sum_{a<=s} h(a)``: the mean-field weight of F^(s)."""
     return np.cumsum(h)
@@ -445,6 +452,7 @@ def _weight_step_var(
     return (tau_a * h[None, :] * lower).sum(1), (tau_b * h[None, :] * lower).sum(1)
 
 
+#: (term, Hessian channel j, left channel k, right channel k2, object)
 WeightKey = tuple[str, ...]
 
 
@@ -480,7 +488,7 @@ def _unordered(chans: Sequence[str]) -> list[tuple[str, str]]:
 
 def _limit_weights(lk: _LagKernels) -> dict[WeightKey, float]:
     """The class weights of the n -> infinity limit (independent positions, stationary
-    kernels), as sums over lags (module docstring, "the limit")."""
+    kernels), as sums over lags (module docstring, section 4)."""
     chans = [c for c in CHANNELS if c in lk.kappa]
     W: dict[WeightKey, float] = {}
     L = next(iter(lk.kappa.values())).size - 1
@@ -509,9 +517,8 @@ def _limit_weights(lk: _LagKernels) -> dict[WeightKey, float]:
             ll = lk.kappa[k] * lk.kappa[k2]
             W["preconditioner_variance", j, k, k2, "a"] = float((p * h * (ll.sum() - ll[1:])).sum())
             W["preconditioner_variance", j, k, k2, "b"] = float((p * h * ll[1:]).sum())
-            rr = lk.kappa[k] * lk.kappa[k2]
-            cum = np.cumsum(rr)[:-1]
-            W["step_variance", j, k, k2, "a"] = float((h * (p * rr.sum() - cum)).sum())
+            cum = np.cumsum(ll)[:-1]  # the right kernels are the same lag arrays
+            W["step_variance", j, k, k2, "a"] = float((h * (p * ll.sum() - cum)).sum())
             W["step_variance", j, k, k2, "b"] = float((h * cum).sum())
     return W
 
@@ -646,7 +653,7 @@ class _Batches:
     def hv_all(self, w: Tensor) -> Tensor:
         """``H_i w`` for every batch i: ``(m, d)``."""
         self.passes += 1
-        return self.probe.batch_hvps(w.expand(self.m, self.d))
+        return self.probe.batch_hvps(w.expand(self.m, self.d).contiguous())
 
     def hv_each(self, W: Tensor) -> Tensor:
         """``H_i W[i]`` for every batch i: ``(m, d)``."""
@@ -867,11 +874,16 @@ def noise_aware_correction(
     step: int | None = None,
     sampling: str = "permute",
 ) -> NoiseAwarePrediction:
-    """The noise-aware E[M^(n)] at the model's current parameters (module docstring).
+    """The noise-aware E[M^(n)] over batch orders at the model's current parameters.
 
-    ``step=None`` is the n -> infinity limit, ``step=n`` the prediction at step n of a run
-    that starts at position 0 (epochs of ``len(batches)`` steps). Every argument is checked
-    before the model runs.
+    Eq. (9) expanded around the batch-order mean of the momenta (module docstring): exact for
+    heavy ball and Nesterov, exact in the first moment and second order in the second for
+    AdamW and NAdamW (either eps convention; NAdamW with ``momentum_decay`` uses its schedule's
+    scales at finite n and the paper's in the limit), a Gaussian closure for soft-sign Lion
+    (with or without bias correction). ``step=n`` is step n of a run that starts at position
+    0 (epochs of ``len(batches)`` steps); ``step=None`` the n -> infinity limit with
+    m = n + 1 (Sec. 6.2). ``sampling``: ``"permute"`` or ``"replacement"``. Every argument is
+    checked before the model runs.
     """
     n = check_noise_aware_args(optimizer, step, sampling)
     problem = as_problem(model, loss_fn, batches)

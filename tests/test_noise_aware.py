@@ -142,6 +142,30 @@ def test_linear_limit_is_the_large_n_one_epoch_expectation(opt):
         assert math.isclose(C["same"] + C["epoch"], beta / (1 - beta) ** 3, rel_tol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "opt",
+    [
+        AdamW(0.01, 0.8, 0.9, 1e-3, weight_decay=0.1),
+        NAdamW(0.01, 0.8, 0.9, 1e-3, weight_decay=0.1, eps_in_sqrt=False),
+        Lion(0.01, 0.8, 0.9, weight_decay=0.1, eps=1e-3),
+    ],
+    ids=["adamw", "nadamw_eps_outside", "lion_soft"],
+)
+def test_limit_is_the_large_n_prediction_with_independent_positions(opt):
+    """step=None sums its weights over lags in closed form (module docstring, section 4);
+    step=n with independent positions (replacement) sums the same weights over positions.
+    At n = 400 every kernel's tail is below 0.9^400 = 5e-19 (and the bias corrections have
+    converged), so every term must agree."""
+    tiny = make_tiny("gelu_mlp")
+    limit = noise_aware_correction(tiny.model, tiny.loss_fn, tiny.batches, opt)
+    large = noise_aware_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, opt, step=400, sampling="replacement"
+    )
+    assert set(limit.terms) == set(large.terms)
+    for key, value in limit.terms.items():
+        assert rel_err(value, large.terms[key]) < 1e-9, key
+
+
 # -- the gradient forms of the noise part (module docstring, section 6) --------------------
 def central_difference(f, theta: torch.Tensor, u: torch.Tensor, t: float = 1e-4) -> float:
     """d/dt f(theta + t u) at 0: central differences at t and t/2, Richardson-extrapolated
