@@ -26,6 +26,10 @@ Targets (issue 12): noise-aware cos >= 0.99 and rel <= 0.1 in every row. The opt
 (``--sweep``) repeats AdamW (0.999, 1e-8) at initialisation, step 55, for batch sizes 1792
 (one batch: no noise), 256, 64, 32, 16.
 
+Run time on one shared CPU core: about 11 min for the 24 rows (Monte Carlo about two thirds)
+and 1.5 min for the sweep; ``--quick`` (AdamW (0.999, 1e-8) and Lion 1e-6, 128 orders, a
+32-order sweep) about 3 min.
+
 Usage: python benchmarks/bench_noise_aware.py [--permutations 256] [--quick] [--no-sweep]
 """
 
