@@ -21,6 +21,12 @@ from noisemem.correction import memory_correction
 from noisemem.expectation import Expectation, expected_correction
 from noisemem.full_batch import full_batch_correction
 from noisemem.noise import noise_regularizer
+from noisemem.noise_aware import (
+    NoiseAwarePrediction,
+    anti_regularization_direction,
+    noise_aware_correction,
+    signed_projection,
+)
 from noisemem.stats import Moments
 from noisemem.trajectory import Trajectories, memoryful_run, memoryless_run, trajectories
 
@@ -57,8 +63,10 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Expectation",
     "Moments",
+    "NoiseAwarePrediction",
     "StudySpec",
     "Trajectories",
+    "anti_regularization_direction",
     "expected_correction",
     "full_batch_correction",
     "launch",
@@ -66,7 +74,9 @@ __all__ = [
     "memory_correction",
     "memoryful_run",
     "memoryless_run",
+    "noise_aware_correction",
     "noise_regularizer",
     "optim",
+    "signed_projection",
     "trajectories",
 ]
