@@ -219,3 +219,38 @@ def test_runs_with_non_finite_corrections_are_diverged_counted_and_excluded(data
             r for r in rows["corrections"] if (r["probe"], r["step"]) == (m["probe"], m["step"])
         ]
         assert m["count"] == sum(np.isfinite(r["norm"]) for r in here)
+
+
+def test_noise_aware_and_anti_regularization_rows_match_the_engine(data):
+    """The study writes the noise-aware prediction at every fixed probe and step, Sec. 4's
+    direction d where the optimizer has an eps, and each run's M along d."""
+    from noisemem.noise_aware import anti_regularization_direction, noise_aware_correction
+
+    spec = small_spec(permutations=2, chunk_size=2)
+    ctx = context(spec, data)
+    heavy, adam = spec.configs
+    rows = {(r["probe"], r["step"], r["kind"]): r for r in predictions(ctx, adam)}
+    model, loss = ctx.model, ctx.problem.loss_fn
+    for n in ctx.probe_steps():
+        na = noise_aware_correction(model, loss, ctx.problem, adam.optimizer, step=n)
+        for kind, want in (
+            ("noise_aware_mean", na.mean),
+            ("noise_aware_full_batch_part", na.full_batch_part),
+            ("noise_aware_noise_part", na.noise_part),
+        ):
+            got = torch.tensor(rows[("init", n, kind)]["vector"], dtype=torch.float64)
+            assert rel_err(got, want) < 1e-12, (n, kind)
+    d = anti_regularization_direction(model, loss, ctx.problem, eps=adam.optimizer.eps)
+    got = torch.tensor(rows[("init", -1, "anti_regularization")]["vector"], dtype=torch.float64)
+    assert rel_err(got, d) < 1e-12
+    assert not [r for r in predictions(ctx, heavy) if r["kind"] == "anti_regularization"]
+    raw = dict(spec.raw)
+    raw["record"] = {"vectors": True}
+    spec_v = StudySpec.from_dict(raw)
+    chunk = run_chunk(context(spec_v, data), spec_v.configs[1], 0)
+    for r in chunk["corrections"]:
+        if r["probe"] == "init":
+            M = torch.tensor(r["vector"], dtype=torch.float64)
+            assert r["proj_anti"] == pytest.approx(float(M @ d / d.norm()), rel=1e-10)
+    heavy_rows = run_chunk(context(spec_v, data), spec_v.configs[0], 0)["corrections"]
+    assert all(np.isnan(r["proj_anti"]) for r in heavy_rows)  # heavy ball has no eps

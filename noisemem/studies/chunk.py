@@ -32,6 +32,7 @@ from torch.func import functional_call, vmap
 
 from noisemem.expectation import SampledRun, exact_expectation, sample_run, sampled_correction
 from noisemem.full_batch import NoClosedForm, full_batch_prediction
+from noisemem.noise_aware import check_noise_aware_args, direction_at, noise_aware_prediction
 from noisemem.optim import Optimizer
 from noisemem.probe import Probe
 from noisemem.problem import Problem
@@ -134,6 +135,16 @@ class Context:
 
     def probe_steps(self) -> list[int]:
         return [e * self.m - 1 for e in range(1, self.setting.epochs + 1)]
+
+
+def anti_direction(optimizer: Optimizer, probe: Probe) -> Tensor | None:
+    """Sec. 4's direction ``d = grad ||grad L||_{1,eps} = H (g / sqrt(g^2 + eps))`` at the
+    probe's point, for optimizers whose Phi has an eps (Adam's quotient, the soft sign);
+    None for the others."""
+    form = optimizer.form
+    if form is None or form.kind not in ("adam", "soft_sign") or not form.eps > 0:
+        return None
+    return direction_at(probe, form.eps)
 
 
 @dataclass
@@ -248,6 +259,7 @@ def run_chunk(
         run: SampledRun,
         fb: Tensor,
         noise: Tensor,
+        anti: Tensor | None,
         acc: Moments,
     ) -> None:
         M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
@@ -256,7 +268,7 @@ def run_chunk(
         elif diverged[p] is None or n < diverged[p]:  # type: ignore[operator]
             diverged[p] = n
         corrections.append(
-            rows.correction_row(config, name, n, p, M, fb, noise, vector=spec.record.vectors)
+            rows.correction_row(config, name, n, p, M, fb, noise, anti, vector=spec.record.vectors)
         )
 
     for name, theta in ctx.fixed_probes(config).items():
@@ -264,12 +276,12 @@ def run_chunk(
             continue
         at = ctx.problem.at(theta)
         probe = Probe(at)
-        noise = ctx.noise_direction(at, probe)
+        noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
         for n in steps_of:
             fb = full_batch_prediction(at, opt, n, probe)
             acc = Moments.empty(d)
             for p, run in zip(indices, runs, strict=True):
-                measure(name, n, p, at, probe, run, fb, noise, acc)
+                measure(name, n, p, at, probe, run, fb, noise, anti, acc)
             moments.append(rows.moments_row(config, name, n, chunk, acc, len(indices)))
     if spec.probes.epoch_end:
         for e, n in enumerate(steps_of):
@@ -280,9 +292,9 @@ def run_chunk(
                     continue
                 at = ctx.problem.at(ens.epoch_thetas[e][j])
                 probe = Probe(at)
-                noise = ctx.noise_direction(at, probe)
+                noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
                 fb = full_batch_prediction(at, opt, n, probe)
-                measure("epoch", n, p, at, probe, run, fb, noise, acc)
+                measure("epoch", n, p, at, probe, run, fb, noise, anti, acc)
             moments.append(rows.moments_row(config, "epoch", n, chunk, acc, len(indices)))
     step_rows = _step_rows(ctx, config, indices, runs, ens) if spec.record.steps else []
     seconds = (time.perf_counter() - t0) / max(len(indices), 1)
@@ -341,9 +353,11 @@ def _step_rows(
 
 
 def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
-    """Rows of ``predictions`` for every fixed probe and probe step of ``config``. An
-    optimizer without a closed full-batch limit gets a ``full_batch_limit`` row with no
-    vector (NaN norm, ``{"no_closed_form": 1}``): recorded, not failed."""
+    """Rows of ``predictions`` for every fixed probe and probe step of ``config``: the
+    full-batch predictions, the exact expectation (linear optimizers), the noise-aware
+    prediction (:mod:`noisemem.noise_aware`), the noise direction and Sec. 4's direction d.
+    A prediction an optimizer has no form of gets a row with no vector (NaN norm,
+    ``{"no_closed_form": 1}``): recorded, not failed."""
     opt = config.optimizer
     out: list[dict[str, Any]] = []
     for name, theta in ctx.fixed_probes(config).items():
@@ -353,6 +367,10 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
         probe = Probe(at)  # one graph of the batch gradients, shared by every prediction
         cov, R = ctx.noise(at, probe)
         out.append(rows.prediction_row(config, name, None, "noise_direction", cov, {"R": R}))
+        anti = anti_direction(opt, probe)
+        if anti is not None:
+            eps = {"eps": float(opt.form.eps)}  # type: ignore[union-attr]
+            out.append(rows.prediction_row(config, name, None, "anti_regularization", anti, eps))
         try:
             limit = full_batch_prediction(at, opt, None, probe)
             out.append(rows.prediction_row(config, name, None, "full_batch_limit", limit, {}))
@@ -361,6 +379,7 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
         for n in ctx.probe_steps():
             fb = full_batch_prediction(at, opt, n, probe)
             out.append(rows.prediction_row(config, name, n, "full_batch", fb, {}))
+            out += _noise_aware_rows(ctx, config, name, n, at, probe)
             if opt.linear:
                 ex = exact_expectation(at, opt, ctx.setting.sampling, n, ctx.setting.epochs, probe)
                 coef = dict(ex.coefficients or {})
@@ -372,3 +391,22 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
                 ):
                     out.append(rows.prediction_row(config, name, n, kind, v, coef))
     return out
+
+
+def _noise_aware_rows(
+    ctx: Context, config: Config, name: str, n: int, at: Problem, probe: Probe
+) -> list[dict[str, Any]]:
+    """The noise-aware prediction's rows at probe ``name``, step n (its mean, full-batch
+    part and noise part), or one row saying there is none for this optimizer or sampling."""
+    try:
+        check_noise_aware_args(config.optimizer, n, ctx.setting.sampling)
+    except ValueError:
+        return [rows.missing_prediction_row(config, name, n, "noise_aware_mean")]
+    na = noise_aware_prediction(at, config.optimizer, n, probe, ctx.setting.sampling)
+    coef = {k: float(v) for k, v in na.coefficients.items()}
+    parts = (
+        ("noise_aware_mean", na.mean),
+        ("noise_aware_full_batch_part", na.full_batch_part),
+        ("noise_aware_noise_part", na.noise_part),
+    )
+    return [rows.prediction_row(config, name, n, kind, v, coef) for kind, v in parts]

@@ -94,14 +94,18 @@ def correction_row(
     M: Tensor,
     full_batch: Tensor,
     noise: Tensor,
+    anti: Tensor | None = None,
     *,
     vector: bool,
 ) -> dict[str, Any]:
-    """A ``corrections`` row: |M|, l_inf, and M against the full-batch prediction and the
-    noise direction. In float64 whatever the study's dtype: a float32 M of entries ~1e19 is
-    finite but its norm (a sum of squares) is not."""
+    """A ``corrections`` row: |M|, l_inf, and M against the full-batch prediction, the noise
+    direction and (where the optimizer has one) Sec. 4's anti-regularization direction d.
+    In float64 whatever the study's dtype: a float32 M of entries ~1e19 is finite but its
+    norm (a sum of squares) is not."""
     M, full_batch, noise = M.double(), full_batch.double(), noise.double()
     fb = float(full_batch.norm())
+    d = None if anti is None else anti.double()
+    d_norm = 0.0 if d is None else float(d.norm())
     return {
         "config": config.id,
         "permutation": p,
@@ -113,6 +117,7 @@ def correction_row(
         "proj_full_batch": float(M @ full_batch) / fb**2 if fb > 0 else math.nan,
         "cos_full_batch": cosine(M, full_batch),
         "cos_noise": cosine(M, noise),
+        "proj_anti": float(M @ d) / d_norm if d is not None and d_norm > 0 else math.nan,
         "vector": M.cpu().tolist() if vector else None,
     }
 

@@ -11,7 +11,8 @@ Schema history:
 
 * version 3: a ``configs`` table (one row per config, one typed column per
   hyperparameter, the training setting: configs may sweep batch size, epochs, sampling
-  and seed); ``moments.excluded``; per-chunk records (``_chunks/``) listing every part with
+  and seed); ``moments.excluded``; ``corrections.proj_anti``; the noise-aware and the
+  anti-regularization predictions; per-chunk records (``_chunks/``) listing every part with
   its row count and checksum; temporary files named ``.<part>.tmp-<hex>``.
 * version 2: ``moments`` keeps ``mean`` and ``m2`` (centred sum of squares).
 * version 1: ``moments`` kept ``sum`` and ``sum_sq``. Version-1 parts still load: the store
@@ -123,6 +124,14 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
         C("proj_full_batch", pa.float64(), "", "<M_p, fb>/|fb|^2: M_p in units of fb"),
         C("cos_full_batch", pa.float64(), "", "cosine of M_p with the full-batch prediction"),
         C("cos_noise", pa.float64(), "", "cosine of M_p with the noise direction Cov"),
+        C(
+            "proj_anti",
+            pa.float64(),
+            "",
+            "<M_p, d>/|d|: M_p along Sec. 4's direction d = grad ||grad L||_{1,eps} at the "
+            "same point (optimizers with an eps in Phi: Adam's family, soft-sign Lion; NaN "
+            "for the others); negative: anti-regularizing",
+        ),
         C("vector", _VECTOR, "", "M_p itself when record.vectors, else null"),
     ),
     "moments": (
@@ -155,9 +164,10 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
             "kind",
             pa.string(),
             "",
-            "full_batch | full_batch_limit | exact_mean | "
-            "exact_full_batch_part | exact_noise_part | noise_direction (Cov, with R in "
-            "coefficients)",
+            "full_batch | full_batch_limit | exact_mean | exact_full_batch_part | "
+            "exact_noise_part (heavy ball, Nesterov) | noise_aware_mean | "
+            "noise_aware_full_batch_part | noise_aware_noise_part (noisemem.noise_aware) | "
+            "noise_direction (Cov, with R in coefficients) | anti_regularization (d, step -1)",
         ),
         C("norm", pa.float64(), "", "|vector| (NaN with no vector)"),
         C(
