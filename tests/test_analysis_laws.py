@@ -183,3 +183,22 @@ def test_anti_regularization_reads_the_sign_along_d(tmp_path):
     claims = analyse(tables, uri).claims.set_index("claim")
     assert claims.loc["adamw_anti", "verdict"] == "supported"
     assert claims.loc["lion_none", "verdict"] == "supported"
+
+
+@pytest.mark.parametrize(
+    "low, high, full_batch, effect",
+    [
+        (-20.0, -10.0, -300.0, "weakens"),  # the main job's AdamW: same sign, far smaller
+        (-400.0, -200.0, -300.0, "keeps"),
+        (-600.0, -400.0, -300.0, "strengthens"),
+        (-5.0, 5.0, -300.0, "removes"),
+        (10.0, 20.0, -300.0, "flips"),
+        (float("nan"), 1.0, -300.0, "not measured"),
+    ],
+)
+def test_what_noise_does_to_the_anti_regularization(low, high, full_batch, effect):
+    from noisemem.analysis.laws import noise_effect
+
+    assert noise_effect(low, high, full_batch) == effect
+    if effect not in ("removes", "not measured"):  # the same rule, mirrored
+        assert noise_effect(-high, -low, -full_batch) == effect

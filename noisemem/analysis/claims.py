@@ -356,6 +356,10 @@ def _anti_claims(a: Analysis) -> list[dict[str, Any]]:
                 f"{r.probe} step {r.step}: <E[M], d>/|d| = {proj} ({sign}); cos(E[M], d) = "
                 f"{cos}; full-batch prediction {n(r.proj_full_batch, 3)}"
             )
+            if np.isfinite(r.proj_noise_aware):
+                evidence += f", noise-aware prediction {n(r.proj_noise_aware, 3)}"
+            if r.noise_effect != "not measured":
+                evidence += f"; mini-batch noise {r.noise_effect} the full-batch conclusion"
             if claim == "adamw_anti":
                 a2a1 = n(r.coefficient, 4)
                 evidence += f"; a2 - a1 = {a2a1} (limit {n(r.coefficient_limit, 4)})"

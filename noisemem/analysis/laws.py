@@ -289,8 +289,28 @@ def beta_trend(tables: StudyTables) -> pd.DataFrame:
 ANTI_COLUMNS = [
     "config", "optimizer", "probe", "step", "P", "beta1", "beta2", "coefficient",
     "coefficient_limit", "proj_mc", "proj_mc_low", "proj_mc_high", "cos_mc", "cos_mc_low",
-    "cos_mc_high", "proj_full_batch", "verdict", "family",
+    "cos_mc_high", "proj_full_batch", "proj_noise_aware", "verdict", "noise_effect", "family",
 ]  # fmt: skip
+
+
+def noise_effect(low: float, high: float, full_batch: float) -> str:
+    """What mini-batch noise does to Sec. 4's conclusion, read off the interval
+    ``[low, high]`` of <E[M], d>/|d| against the full-batch prediction's projection:
+    ``flips`` (the interval excludes 0 on the other side), ``removes`` (it holds 0),
+    ``weakens`` / ``strengthens`` (same sign, the whole interval smaller / larger in size),
+    ``keeps`` (same sign, the interval holds the full-batch value); ``not measured``."""
+    if not (np.isfinite(low) and np.isfinite(high) and np.isfinite(full_batch)):
+        return "not measured"
+    if full_batch == 0 or low <= 0 <= high:
+        return "removes" if full_batch != 0 else "not measured"
+    if (low > 0) != (full_batch > 0):
+        return "flips"
+    small, large = sorted((abs(low), abs(high)))
+    if large < abs(full_batch):
+        return "weakens"
+    if small > abs(full_batch):
+        return "strengthens"
+    return "keeps"
 
 
 def _memory_pair(hp: dict[str, Any]) -> tuple[float, float]:
@@ -342,6 +362,7 @@ def anti_regularization(tables: StudyTables) -> pd.DataFrame:
         adam = kind in ADAM_LIKE
         proj = jackknife(stats, partial(projection, direction=u))
         fb = preds.vector(*key, "full_batch")
+        na = preds.vector(*key, "noise_aware_mean")
         hit = fam[fam["config"] == config]
         rows.append(
             {
@@ -359,7 +380,11 @@ def anti_regularization(tables: StudyTables) -> pd.DataFrame:
                     "cos_mc", jackknife(stats, partial(cosine_with, vector=u), bounds=(-1, 1))
                 ),
                 "proj_full_batch": float(fb @ u) if fb is not None else NAN,
+                "proj_noise_aware": float(na @ u) if na is not None else NAN,
                 "verdict": sign_verdict(proj.low, proj.high),
+                "noise_effect": noise_effect(
+                    proj.low, proj.high, float(fb @ u) if fb is not None else NAN
+                ),
                 "family": hit.iloc[0]["family"] if len(hit) else "",
             }
         )
