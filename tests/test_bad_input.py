@@ -133,8 +133,9 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str, int]] = [
      "runtime.start_timeout=-1 is not allowed; it must be a number of seconds >= 0", 2),
     # -- data and model (refused before Ray starts, after the data has loaded)
     ("unknown_data_source", lambda t: spec(t, **{"data.source": "imagenet-local"}),
-     "data.source='imagenet-local' is not allowed; use digits, mnist1d, hub:<name> (a Hugging "
-     "Face Hub data set), or an existing Parquet/CSV/Arrow/JSON file or save_to_disk folder",
+     "data.source='imagenet-local' is not allowed; use digits, mnist1d, synthetic:cifar10, "
+     "hub:<name> (a Hugging Face Hub data set), or an existing Parquet/CSV/Arrow/JSON file or "
+     "save_to_disk folder",
      2),
     ("hub_offline", lambda t: spec(t, **{"data.source": "hub:mnist"}),
      "data.source='hub:mnist': the Hugging Face Hub cannot be reached (offline mode is set); "
@@ -150,7 +151,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str, int]] = [
     ("batch_larger_than_data", lambda t: spec(t, **{"training.batch_size": 500}),
      "training.batch_size=500 is not allowed; it must be <= the number of samples (64)", 2),
     ("unknown_model", lambda t: spec(t, **{"model.kind": "resnet"}),
-     "model.kind='resnet' is not allowed; use gelu_mlp, cnn, softmax or "
+     "model.kind='resnet' is not allowed; use gelu_mlp, cnn, softmax, resnet18 or "
      "'package.module:Factory'", 2),
     ("model_not_importable", lambda t: spec(t, **{"model.kind": "nowhere.module:Net"}),
      "model.kind='nowhere.module:Net' cannot be imported: No module named 'nowhere'", 2),

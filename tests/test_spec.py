@@ -277,3 +277,28 @@ def test_a_sweep_is_checked_against_the_data_and_the_memoryless_runs():
     raw["record"] = {"memoryless": True}
     with pytest.raises(SpecError, match=r"training.sampling='reshuffle'"):
         StudySpec.from_dict(raw)
+
+
+def test_the_default_chunk_size_follows_the_work_of_a_run():
+    from noisemem.studies.plan import AUTO_CHUNK_WORK, MAX_AUTO_CHUNK, MIN_CHUNKS, run_work
+
+    def auto(**training) -> StudySpec:
+        raw = copy.deepcopy(BASE)
+        raw["training"] = {**raw["training"], **training}
+        raw["training"].pop("chunk_size")
+        return StudySpec.from_dict(raw)
+
+    # BASE probes the initialisation only; its AdamW configs are the heavier runs
+    light = auto(permutations=4096, epochs=1)  # 11 gradients a run: 91 by work, capped
+    assert run_work(1, False, 1, False) == 1 + 10
+    assert round(AUTO_CHUNK_WORK / 11) > MAX_AUTO_CHUNK == light.training.chunk_size
+    heavy = auto(permutations=4096, epochs=20)  # 20 + 20 x 10 = 220 gradients: chunks of 5
+    assert heavy.training.chunk_size == round(AUTO_CHUNK_WORK / 220) == 5
+    few = auto(permutations=24, epochs=1)  # at least MIN_CHUNKS chunks per config
+    assert few.training.chunk_size == 24 // MIN_CHUNKS == 3
+    # the resolved size is the spec's: an explicit equal size is the same study
+    raw = copy.deepcopy(BASE)
+    raw["training"] = {**BASE["training"], "permutations": 24, "epochs": 1, "chunk_size": 3}
+    explicit = StudySpec.from_dict(raw)
+    assert explicit.digest == few.digest and not explicit.auto_chunks and few.auto_chunks
+    assert few.as_dict()["training"]["chunk_size"] == 3

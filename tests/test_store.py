@@ -340,3 +340,27 @@ def test_the_manifest_is_created_exclusively(tmp_path):
     assert not store.create_exclusive('{"a": 2}', "manifest.json")
     assert store.read_manifest() == {"a": 1}
     assert [n for n in all_files(store)] == ["manifest.json"]
+
+
+def test_an_automatic_chunk_size_resumes_with_the_stored_one(tmp_path):
+    """A store made with one chunk size is resumed with it by a spec that leaves the size to
+    the work, whatever that would choose now (the chunks of a store must not change)."""
+    from noisemem.studies.prepare import stored_chunking
+    from noisemem.studies.spec import StudySpec
+    from noisemem.studies.store import study_toml
+
+    raw = {
+        "name": "auto",
+        "output": str(tmp_path / "s"),
+        "optimizers": [{"kind": "HeavyBall", "lr": 0.1, "beta": 0.9}],
+        "training": {"permutations": 64},
+    }
+    spec = StudySpec.from_dict(raw)
+    assert spec.auto_chunks and spec.training.chunk_size == 8
+    made = StudySpec.from_dict({**raw, "training": {"permutations": 64, "chunk_size": 16}})
+    store = Store(spec.output)
+    store.write_text(study_toml(made), "study.toml")
+    resumed = stored_chunking(store, spec)
+    assert resumed.training.chunk_size == 16 and resumed.digest == made.digest
+    explicit = StudySpec.from_dict({**raw, "training": {"permutations": 64, "chunk_size": 4}})
+    assert stored_chunking(store, explicit) is explicit  # a size written out is kept

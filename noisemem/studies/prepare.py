@@ -5,13 +5,16 @@ start of a cluster, and is refused before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from typing import Any
 
 from pyarrow import fs as pafs
 
+from noisemem import checks
 from noisemem.studies.data import DataInfo, prepare
 from noisemem.studies.models import check_model
 from noisemem.studies.spec import SpecError, StudySpec
@@ -136,11 +139,28 @@ def _unreadable(spec: StudySpec, err: BaseException) -> str:
     )
 
 
+def stored_chunking(store: Store, spec: StudySpec) -> StudySpec:
+    """A spec that leaves its chunk size to the work resumes a store with the chunk size the
+    store was made with (the work-based choice may differ between versions; the chunks of a
+    store must not)."""
+    if not spec.auto_chunks or not store.exists("study.toml"):
+        return spec
+    try:
+        stored = tomllib.loads(store.read_text("study.toml"))["training"]["chunk_size"]
+    except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError):
+        return spec  # the identity check says what is wrong with it
+    if not checks.is_integer(stored) or stored < 1 or stored == spec.training.chunk_size:
+        return spec
+    training = dataclasses.replace(spec.training, chunk_size=int(stored))
+    return dataclasses.replace(spec, training=training)
+
+
 def prepare_study(spec: StudySpec, actors: int | None = None) -> Prepared:
     """Every check that needs no Ray, in the order that costs least: the actors override,
     the output, the store's identity, then the data and the model."""
     check_actors(actors)
     store = open_store(spec)
+    spec = stored_chunking(store, spec)
     try:
         check_resumable(store, spec, store.read_manifest())
     except StoreError as err:

@@ -33,7 +33,7 @@ error names the field (``optimizers[1].beta2``), the value and what is allowed. 
     epochs = 2
     sampling = "permute"       # permute | reshuffle | replacement
     permutations = 64
-    chunk_size = 16
+    chunk_size = 16            # "auto" (the default) follows the work of a run
 
     [probes]
     init = true                # corrections at the initial parameters
@@ -67,6 +67,7 @@ from typing import Any
 from noisemem import checks
 from noisemem.checks import SAMPLINGS, SEED_LIMIT
 from noisemem.optim import OPTIMIZERS, Optimizer
+from noisemem.studies.plan import auto_chunk_size, run_work
 from noisemem.studies.store import fingerprint, location
 
 BUILTIN_DATA = ("digits", "mnist1d", "synthetic:cifar10")
@@ -352,7 +353,7 @@ class TrainingSpec:
     epochs: tuple[int, ...] = (1,)
     sampling: tuple[str, ...] = ("permute",)
     permutations: int = 32
-    chunk_size: int = 16
+    chunk_size: int = 0  # 0: "auto", resolved by StudySpec.from_dict (plan.auto_chunk_size)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> TrainingSpec:
@@ -364,7 +365,11 @@ class TrainingSpec:
                 "training.sampling", r["sampling"], lambda p, v: _choice(p, v, SAMPLINGS)
             ),
             permutations=_int("training.permutations", r["permutations"], 2),
-            chunk_size=_int("training.chunk_size", r["chunk_size"], 1),
+            chunk_size=(
+                0
+                if raw.get("chunk_size", "auto") == "auto"
+                else _int("training.chunk_size", r["chunk_size"], 1)
+            ),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -480,14 +485,29 @@ class StudySpec:
             model=ModelSpec.parse(raw.get("model", {})),
             configs=_product(_expand_optimizers(raw.get("optimizers")), sweeps),
             training=training,
-            probes=ProbeSpec.parse(raw.get("probes", {})),
+            probes=(probes := ProbeSpec.parse(raw.get("probes", {}))),
             record=RecordSpec.parse(raw.get("record", {})),
             runtime=RuntimeSpec.parse(raw.get("runtime", {})),
             raw=dict(raw),
         )
+        if training.chunk_size == 0:
+            fixed = int(probes.init) + len(probes.reference_steps)
+            work = max(
+                run_work(c.epochs, c.optimizer.linear, fixed, probes.epoch_end)
+                for c in spec.configs
+            )
+            size = auto_chunk_size(training.permutations, work)
+            spec = dataclasses.replace(
+                spec, training=dataclasses.replace(training, chunk_size=size)
+            )
         spec.check_combinations()
         spec.check_size()
         return spec
+
+    @property
+    def auto_chunks(self) -> bool:
+        """Whether the spec leaves the chunk size to the work (``"auto"`` or not given)."""
+        return dict(self.raw.get("training", {})).get("chunk_size", "auto") == "auto"
 
     def check_size(self) -> None:
         """Refuse studies too large to plan: every chunk is a work item and a store part."""

@@ -1,12 +1,10 @@
 """``noisemem validate``: a spec's expanded grid, its runs and a cost estimate, without Ray.
 
 The estimate counts full-data gradients (one forward and backward of the mean loss over
-every sample the batches hold) and turns them into CPU seconds with one such gradient timed
-here, on one thread. Per run: training costs ``epochs`` gradients (m batch gradients each
-of b samples); each correction of Eq. (9) about 6 gradients for optimizers linear in the
-gradients and 10 for the others, and each probe point's batch-gradient graph about 2 (the
-engine's benchmarks, ``benchmarks/bench_engine.py``). It is an order of magnitude, not a
-promise: the Ray start (seconds), GPUs and the memoryless trajectories are not in it.
+every sample the batches hold; per run :func:`noisemem.studies.plan.run_work`) and turns
+them into CPU seconds with one such gradient timed here, on one thread. It is an order of
+magnitude, not a promise: the Ray start (seconds), GPUs and the memoryless trajectories
+are not in it.
 """
 
 from __future__ import annotations
@@ -16,25 +14,15 @@ import time
 import torch
 
 from noisemem.studies.models import initial_parameters, spec_model
-from noisemem.studies.plan import Chunks
+from noisemem.studies.plan import Chunks, run_work
 from noisemem.studies.prepare import load_data
 from noisemem.studies.spec import Config, StudySpec
 
-#: gradients per correction (linear optimizers, others) and per probe point's graph
-CORRECTION_COST = (6.0, 10.0)
-PROBE_COST = 2.0
-
 
 def gradients(spec: StudySpec, config: Config) -> float:
-    """Full-data gradients one run of ``config`` costs (module notes)."""
-    probe_steps = config.epochs  # corrections at the end of every epoch
-    per_correction = CORRECTION_COST[0 if config.optimizer.linear else 1]
+    """Full-data gradients one run of ``config`` costs."""
     fixed = int(spec.probes.init) + len(spec.probes.reference_steps)
-    cost = float(config.epochs)  # training
-    cost += fixed * probe_steps * per_correction  # each run's M at the fixed points
-    if spec.probes.epoch_end:
-        cost += probe_steps * (PROBE_COST + per_correction)  # at its own parameters
-    return cost
+    return run_work(config.epochs, config.optimizer.linear, fixed, spec.probes.epoch_end)
 
 
 def time_gradient(spec: StudySpec, x: torch.Tensor, y: torch.Tensor, info: object) -> float:
