@@ -30,6 +30,14 @@ from noisemem.studies.store import Store, open_for
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "jobs" / "studies"
 
+#: the ResNet studies' AdamW (at beta2 = 0.999 only) and Lion, as in their specs
+RESNET_OPTIMIZERS = [
+    {"kind": "AdamW", "lr": 10**-3.5, "beta1": 0.99, "beta2": 0.999, "eps": 1e-6,
+     "weight_decay": 0.005},
+    {"kind": "Lion", "lr": 10**-3.5, "rho1": 0.9, "rho2": 0.99, "weight_decay": 0.005,
+     "eps": 1e-8},
+]  # fmt: skip
+
 #: how each ready study is shrunk for CI, over the common shrinking in :func:`shrunken`
 SHRINK: dict[str, dict[str, Any]] = {
     # batches of 16..128 of 512 samples: 32 down to 4 batches per epoch
@@ -47,6 +55,21 @@ SHRINK: dict[str, dict[str, Any]] = {
         "data": {"source": "digits", "limit": 256, "normalize": "unit"},
         "training": {"batch_size": 256, "epochs": 10, "permutations": 2},
         "runtime": {"gpu": "never", "actors": 0},
+    },
+    # ResNet-18 at width 2 (GroupNorm of 2 groups) on 32 generated CIFAR-shaped images, two
+    # batches of 16, 4 orders in 2 chunks; AdamW at the larger beta2 and Lion (2 configs)
+    "resnet_cifar10": {
+        "data": {"source": "synthetic:cifar10", "limit": 32},
+        "model": {"kwargs": {"width": 2, "groups": 2}},
+        "optimizers": RESNET_OPTIMIZERS,
+        "training": {"batch_size": 16, "permutations": 4, "chunk_size": 2},
+        "runtime": {"gpu": "never"},
+    },
+    "resnet_synthetic": {
+        "data": {"limit": 32},
+        "model": {"kwargs": {"width": 2, "groups": 2}},
+        "optimizers": RESNET_OPTIMIZERS,
+        "training": {"batch_size": 16, "permutations": 4, "chunk_size": 2},
     },
 }
 
