@@ -12,7 +12,7 @@ import stores
 from scipy import stats as sps
 
 from noisemem.analysis import laws
-from noisemem.analysis.results import analyse
+from noisemem.analysis.results import analyse, summary_frame
 from noisemem.expectation import noise_scales, pair_coefficients
 from noisemem.full_batch import adam_memory_weight
 from noisemem.optim import HeavyBall
@@ -121,6 +121,32 @@ def test_batch_size_trend_follows_the_law_it_was_built_on(tmp_path):
     claims = analyse(tables, uri).claims.set_index("claim")
     assert claims.loc["noise_grows", "verdict"] == "supported"
     assert claims.loc["variance_law", "verdict"] == "supported"
+
+
+def test_prediction_errors_across_batch_sizes(tmp_path):
+    uri, _ = sweep_store(tmp_path)
+    trend = laws.batch_size_predictions(load(uri))
+    fb = trend[trend["prediction"] == "full_batch"]
+    assert list(fb["batch_size"]) == [4, 8, 16, 32]
+    # the full-batch prediction misses exactly the noise part it was built without:
+    # |noise| / |fb + noise|, rebuilt here from the same draws
+    rng = np.random.default_rng(7)
+    cov1, full = rng.normal(size=D), rng.normal(size=D)
+    expected = []
+    for b in (4, 8, 16, 32):
+        noise = 0.1 * (1.0 + 0.1 * (64 // b)) * laws.without_replacement(64, b) * cov1
+        expected.append(np.linalg.norm(noise) / np.linalg.norm(full + noise))
+    assert fb["rel_err"].to_numpy() == pytest.approx(expected, rel=1e-2)
+    assert laws.decreasing(fb["rel_err"])
+    assert (fb["rel_err_low"] <= fb["rel_err"]).all() and (
+        fb["rel_err"] <= fb["rel_err_high"]
+    ).all()
+    # the exact expectation carries the noise: only the runs' 1e-4 spread is left
+    exact = trend[trend["prediction"] == "exact_mean"]
+    assert len(exact) == 4 and (exact["rel_err"] < 1e-3).all()
+    summary = summary_frame(analyse(load(uri), uri))
+    section = summary[summary["section"] == "batch_size_prediction"]
+    assert set(section["subject"]) == {"full_batch", "exact_mean"}
 
 
 def test_noise_growing_with_the_batch_is_contradicted(tmp_path):

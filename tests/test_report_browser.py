@@ -18,7 +18,8 @@ from noisemem.studies.store import Store
 #: the tables a batch-size sweep's report must show
 MUST = {
     "claims-table", "status-table", "agreement", "prediction-fits", "noise-parts",
-    "batch-size", "epoch-corrections", "versions-table", "columns-moments",
+    "batch-size", "batch-size-predictions", "epoch-corrections", "versions-table",
+    "columns-moments",
 }  # fmt: skip
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -44,6 +44,7 @@ from noisemem.analysis.compare import (
     is_fixed,
     large_n_noise_coefficient,
     noise_parts,
+    prediction_fits,
 )
 from noisemem.analysis.intervals import cosine_with, jackknife, mean_interval, projection
 from noisemem.full_batch import adam_memory_weight
@@ -251,6 +252,41 @@ def batch_size_trend(tables: StudyTables) -> pd.DataFrame:
         g["law"] = "h c_noise s_b" if exact_law else "s_b"
         out.append(g)
     return pd.concat(out, ignore_index=True)[BATCH_COLUMNS]
+
+
+PREDICTION_TREND_COLUMNS = [
+    "family", "config", "optimizer", "batch_size", "probe", "epoch", "step", "P",
+    "prediction", "rel_err", "rel_err_low", "rel_err_high", "cos", "cos_low", "cos_high",
+]  # fmt: skip
+
+
+def batch_size_predictions(tables: StudyTables) -> pd.DataFrame:
+    """How far each stored prediction (full-batch, noise-aware, exact) is from the Monte
+    Carlo E[M] across batch sizes: per batch-size family, fixed probe and epoch, the
+    relative error |E[M] - pred|/|E[M]| and the cosine with their 95% jackknife intervals
+    (:func:`noisemem.analysis.compare.prediction_fits`), ordered by batch size. The
+    full-batch prediction ignores the noise, so its error grows as the batch shrinks; the
+    noise-aware and exact ones carry it."""
+    fam = families(tables, "batch_size")
+    fits = prediction_fits(tables)
+    if fam.empty or fits.empty:
+        return pd.DataFrame(columns=PREDICTION_TREND_COLUMNS)
+    cf = config_frame(tables).set_index("config")
+    kinds = ("full_batch", "noise_aware_mean", "exact_mean")
+    frame = fits[fits["prediction"].isin(kinds)].merge(fam[["family", "config"]], on="config")
+    if frame.empty:
+        return pd.DataFrame(columns=PREDICTION_TREND_COLUMNS)
+    frame = frame.assign(
+        optimizer=frame["config"].map(cf["optimizer"]),
+        batch_size=frame["config"].map(cf["batch_size"]).astype(int),
+        epoch=[
+            (int(s) + 1) // int(cf.loc[c, "num_batches"]) if int(cf.loc[c, "num_batches"]) else -1
+            for c, s in zip(frame["config"], frame["step"], strict=True)
+        ],
+    )
+    order = ["family", "probe", "epoch", "prediction", "batch_size"]
+    frame = frame.sort_values(order, kind="stable").reset_index(drop=True)
+    return frame[PREDICTION_TREND_COLUMNS]
 
 
 def decreasing(values: Sequence[float]) -> bool:

@@ -311,6 +311,13 @@ def render(a: Analysis, spec_text: str | None, chunks: int) -> str:
                 "the batch size, with the law (N-b)/(b(N-1)) fitted by one scale.",
                 "figure-batch-size",
             ),
+            _frame_or_note(
+                a.batch_predictions,
+                "batch-size-predictions",
+                "How far each prediction is from MC E[M] across batch sizes "
+                "(the full-batch one ignores the noise)",
+                "No predictions in a batch-size sweep of this store.",
+            ),
             "<h3>Heavy ball's beta: exact finite-n and large-n noise coefficients</h3>",
             _frame_or_note(
                 a.beta,

@@ -55,6 +55,7 @@ class Analysis:
     noise: pd.DataFrame = field(default_factory=pd.DataFrame)
     epoch: pd.DataFrame = field(default_factory=pd.DataFrame)
     batch: pd.DataFrame = field(default_factory=pd.DataFrame)
+    batch_predictions: pd.DataFrame = field(default_factory=pd.DataFrame)
     beta: pd.DataFrame = field(default_factory=pd.DataFrame)
     anti: pd.DataFrame = field(default_factory=pd.DataFrame)
     run_anti: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -70,6 +71,11 @@ class Analysis:
         ("noise_part", "noise", ("config", "probe", "step")),
         ("epoch", "epoch", ("config", "step")),
         ("batch_size", "batch", ("family", "config", "probe", "step")),
+        (
+            "batch_size_prediction",
+            "batch_predictions",
+            ("family", "config", "probe", "step", "prediction"),
+        ),
         ("beta", "beta", ("family", "config", "probe", "step")),
         ("anti_regularization", "anti", ("family", "config", "probe", "step")),
         ("run_anti_regularization", "run_anti", ("config", "probe", "step")),
@@ -86,6 +92,7 @@ def analyse(tables: StudyTables, uri: str = "") -> Analysis:
         "noise": noise_parts(tables),
         "epoch": epoch_corrections(tables),
         "batch": laws.batch_size_trend(tables),
+        "batch_predictions": laws.batch_size_predictions(tables),
         "beta": laws.beta_trend(tables),
         "anti": laws.anti_regularization(tables),
         "run_anti": laws.run_anti_regularization(tables),
