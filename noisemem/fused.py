@@ -186,7 +186,9 @@ def window(
     for s, l in enumerate(slots):
         if l is not None and l in weights:
             wts[s] = weights[l]
-    W = np.zeros((2, m, d), dtype=np_dtype)
+    # only the slots that are asked for get an (m, d) output; the other is never written
+    wanted = [l is not None and l in weights for l in slots]
+    outs = [np.zeros((m, d) if want else (1, 1), dtype=np_dtype) for want in wanted]
     block = _block(K)
     scalar = np_dtype
     threads = _threads()
@@ -208,14 +210,34 @@ def window(
             f.kind,
             scalar(f.eps),
             wts,
-            W,
+            outs[0],
+            outs[1],
             block,
+            _workspace(threads, K, block, np_dtype),
         )
     out: dict[int, Tensor] = {}
     for s, l in enumerate(slots):
-        if l is not None and l in weights:
-            out[l] = torch.from_numpy(W[s])
+        if wanted[s]:
+            assert l is not None
+            out[l] = torch.from_numpy(outs[s])
     return out
+
+
+#: the kernel's per-thread rows of F, kept between calls (at most ``buffer(K)`` numbers):
+#: a fresh buffer per block of coordinates was an allocation, and page faults, per block
+_WORKSPACE: dict[tuple[int, str], np.ndarray] = {}
+
+
+def _workspace(threads: int, K: int, block: int, dtype: type) -> np.ndarray:
+    """A ``(threads, K, block)`` array for the kernel's rows of F, reused when it fits."""
+    key = (threads, np.dtype(dtype).str)
+    need = K * block
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.shape[1] < need:
+        buf = np.empty((threads, need), dtype=dtype)
+        _WORKSPACE.clear()  # one buffer at a time
+        _WORKSPACE[key] = buf
+    return buf
 
 
 @cache
@@ -240,65 +262,69 @@ def _kernel(parallel: bool) -> Any:
         kind: int,
         eps: float,
         wts: np.ndarray,
-        W: np.ndarray,
+        Wa: np.ndarray,
+        Wq: np.ndarray,
         blk: int,
+        work: np.ndarray,
     ) -> None:  # pragma: no cover - compiled; covered through correction's tests
         K = target.shape[0]
         d = G.shape[1]
         nblocks = (d + blk - 1) // blk
-        for bi in nb.prange(nblocks):
-            j0 = bi * blk
-            j1 = min(d, j0 + blk)
-            n = j1 - j0
-            Sa = state_a[j0:j1].copy()
-            Sq = state_q[j0:j1].copy()
-            th = theta[j0:j1]
-            Fbuf = np.empty((K, n), G.dtype)
-            for r in range(K):
-                g = G[target[r], j0:j1]
-                F = Fbuf[r]
-                a, b, q, p = ca[r], cb[r], cq[r], cp[r]
-                if kind == LINEAR:
-                    for j in range(n):
-                        s = beta_a * Sa[j] + g[j]
-                        Sa[j] = s
-                        F[j] = a * s + b * g[j] + p * th[j]
-                elif kind == LION:  # -x / sqrt(x^2 + eps) + p theta
-                    for j in range(n):
-                        s = beta_a * Sa[j] + g[j]
-                        Sa[j] = s
-                        x = a * s + b * g[j]
-                        F[j] = p * th[j] - x / np.sqrt(x * x + eps)
-                # the two Adam loops differ only where eps sits: kept apart on purpose, one
-                # loop with both eps (one of them 0) measured 20-40% slower
-                elif kind == ADAM_EPS_IN:  # x / sqrt(m2 + eps) + p theta
-                    for j in range(n):
-                        gj = g[j]
-                        s = beta_a * Sa[j] + gj
-                        Sa[j] = s
-                        s2 = beta_q * Sq[j] + gj * gj
-                        Sq[j] = s2
-                        F[j] = (a * s + b * gj) / np.sqrt(q * s2 + eps) + p * th[j]
-                else:  # ADAM_EPS_OUT: x / (sqrt(m2) + eps) + p theta
-                    for j in range(n):
-                        gj = g[j]
-                        s = beta_a * Sa[j] + gj
-                        Sa[j] = s
-                        s2 = beta_q * Sq[j] + gj * gj
-                        Sq[j] = s2
-                        F[j] = (a * s + b * gj) / (np.sqrt(q * s2) + eps) + p * th[j]
-            U = np.zeros(n, G.dtype)
-            for r in range(K - 1, -1, -1):
-                F = Fbuf[r]
-                for j in range(n):
-                    U[j] += F[j]
-                i = target[r]
-                for slot in range(2):
-                    w = wts[slot, r]
-                    if w != 0.0:
-                        out = W[slot, i, j0:j1]
+        threads = work.shape[0]
+        for t in nb.prange(threads):  # each thread its own row of work, blocks round-robin
+            for bi in range(t, nblocks, threads):
+                j0 = bi * blk
+                j1 = min(d, j0 + blk)
+                n = j1 - j0
+                Sa = state_a[j0:j1].copy()
+                Sq = state_q[j0:j1].copy()
+                th = theta[j0:j1]
+                rows = work[t]  # F of step r is rows[r n : (r+1) n]
+                for r in range(K):
+                    g = G[target[r], j0:j1]
+                    F = rows[r * n : (r + 1) * n]
+                    a, b, q, p = ca[r], cb[r], cq[r], cp[r]
+                    if kind == LINEAR:
                         for j in range(n):
-                            out[j] += w * U[j]
+                            s = beta_a * Sa[j] + g[j]
+                            Sa[j] = s
+                            F[j] = a * s + b * g[j] + p * th[j]
+                    elif kind == LION:  # -x / sqrt(x^2 + eps) + p theta
+                        for j in range(n):
+                            s = beta_a * Sa[j] + g[j]
+                            Sa[j] = s
+                            x = a * s + b * g[j]
+                            F[j] = p * th[j] - x / np.sqrt(x * x + eps)
+                    # the two Adam loops differ only where eps sits: kept apart on purpose, one
+                    # loop with both eps (one of them 0) measured 20-40% slower
+                    elif kind == ADAM_EPS_IN:  # x / sqrt(m2 + eps) + p theta
+                        for j in range(n):
+                            gj = g[j]
+                            s = beta_a * Sa[j] + gj
+                            Sa[j] = s
+                            s2 = beta_q * Sq[j] + gj * gj
+                            Sq[j] = s2
+                            F[j] = (a * s + b * gj) / np.sqrt(q * s2 + eps) + p * th[j]
+                    else:  # ADAM_EPS_OUT: x / (sqrt(m2) + eps) + p theta
+                        for j in range(n):
+                            gj = g[j]
+                            s = beta_a * Sa[j] + gj
+                            Sa[j] = s
+                            s2 = beta_q * Sq[j] + gj * gj
+                            Sq[j] = s2
+                            F[j] = (a * s + b * gj) / (np.sqrt(q * s2) + eps) + p * th[j]
+                U = np.zeros(n, G.dtype)
+                for r in range(K - 1, -1, -1):
+                    F = rows[r * n : (r + 1) * n]
+                    for j in range(n):
+                        U[j] += F[j]
+                    i = target[r]
+                    for slot in range(2):
+                        w = wts[slot, r]
+                        if w != 0.0:
+                            out = Wa[i, j0:j1] if slot == 0 else Wq[i, j0:j1]
+                            for j in range(n):
+                                out[j] += w * U[j]
 
     kernel.__qualname__ = "window_parallel" if parallel else "window_serial"  # own disk caches
     try:

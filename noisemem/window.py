@@ -1,4 +1,4 @@
-"""The window of Eq. (9): four ways to compute the same grouped sum (THEORY §3).
+"""The window of Eq. (9): ways to compute the same grouped sum (THEORY §3).
 
 For step n of a batch sequence sigma, with ``u_k = sum_{s=n-k..n-1} F^(s)(theta)``,
 
@@ -11,29 +11,40 @@ tail tolerance of :mod:`noisemem.memory`). Each strategy below is a plain functi
 probe's native order; they give the same numbers (same truncation) and each is tested
 against the literal Eq. (9):
 
-* :func:`linear`: optimizers linear in the gradients (``Phi = sum_l m_l``, GRAD sources).
-  F^(s), u_k and w_{l,i} are scalar combinations of the g_i, so ``M = h sum_i H_i W_i`` with
-  ``W = A @ G``: float64 coefficients and one summed Hessian-vector product.
-* :func:`fused`: the CPU kernel of :mod:`noisemem.fused` (momentum rows, Phi, suffix sums
+* :func:`scan`: torch, the window in blocks of steps: the momentum rows of a block by a
+  decayed prefix sum (:func:`decayed_rows`), Phi on the block, and the suffix sums u_k as
+  prefix sums of F (:func:`scan_vectors`): O(K d) work and O(T d) temporaries for a block of
+  T steps, however deep the window and however many batches. What a GPU takes.
+* :func:`fused`: the CPU kernel of :mod:`noisemem.fused` (the same recurrences, suffix sums
   and scatter in one pass per block of coordinates), for optimizers whose Phi has a
   :class:`~noisemem.optim.Form`.
+* :func:`linear`: optimizers linear in the gradients (``Phi = sum_l m_l``, GRAD sources):
+  the w_{l,i} of the kernel (CPU) or the scan, combined into one cotangent
+  ``sum_l b_l^(n+1) w_{l,i}``, and one summed Hessian-vector product:
+  ``M = h sum_i H_i W_i``.
+* :func:`online`: O(L d) memory: no batch gradient or w_{l,i} is kept; the window is run
+  forward in blocks of steps, each block with the graph of its own batches, and its
+  products ``H_{sigma(s)} u`` taken there (:func:`online`). About one pass of products per
+  epoch of the window plus one: for when the O(m d) arrays do not fit
+  (:mod:`noisemem.budget`).
 * :func:`dense`: torch, momentum rows as coefficient matrices times the stacked sources
-  (few distinct batches).
-* :func:`streamed`: torch, an O(d) recurrence per step, streamed in blocks of steps (many
-  distinct batches).
+  (O(K m d); kept as a second, independent torch evaluation).
+* :func:`streamed`: torch, an O(d) recurrence per step, streamed in blocks of steps (a
+  Python loop over the steps; kept likewise).
 
-The three non-linear strategies end alike (:func:`finish`): at most one Hessian-vector
-product per distinct batch and momentum variable, all of a variable's in one backward pass
-through the gradients' graph (``hvp="double_backward"``) or one vmapped forward-over-reverse
+The strategies but :func:`online` end alike (:func:`finish`): the w_{l,i}, then at most one
+pass of Hessian-vector products per momentum variable, all of them in one traversal of the
+gradients' graphs (``hvp="double_backward"``: a summed product for gradient sources, the
+per-batch products weighed by g_i for squared gradients) or one vmapped forward-over-reverse
 call (``hvp="vmap"``), then one JVP of Phi.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,16 +53,19 @@ from torch.func import jvp
 
 from noisemem import fused as fused_kernel
 from noisemem.memory import decay_filter, decay_weights, memory_weights, truncation_horizon
-from noisemem.optim import Optimizer
-
-if TYPE_CHECKING:
-    from noisemem.probe import Probe
+from noisemem.optim import Optimizer, Source
+from noisemem.probe import BatchGraph, HvpRequest, Probe, rows_of, weighted_row_sum
 
 #: at most this many numbers (window rows x d, summed over variables) are held at once
 MAX_WINDOW_ELEMENTS = 1 << 26
-#: up to this many batches, ``"auto"`` takes :func:`dense` where the fused kernel does not
-#: apply; beyond, :func:`streamed`
-DENSE_MAX_BATCHES = 256
+#: a block of the scan on a CPU: rows of about this many bytes per array (cache-sized)
+CPU_BLOCK_BYTES = 1 << 19
+#: the scan's blocks on a CPU have at most this many rows (fewer Python-level calls beyond
+#: would not pay for the arrays leaving the cache)
+CPU_MAX_ROWS = 64
+#: the scan scales a block's rows by beta^-r: the largest factor allowed, per dtype
+_SCALE_LIMIT = {torch.float16: 2.0**6, torch.bfloat16: 2.0**6, torch.float32: 2.0**20}
+_SCALE_LIMIT_DEFAULT = 2.0**50
 
 
 @dataclass(frozen=True)
@@ -95,44 +109,189 @@ def window_of(
     return Window(sequence, start, scales, memory, tail_tol, hvp)
 
 
-# -- the strategies ------------------------------------------------------------------------
-def linear(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
-    """Eq. (9) for optimizers linear in the g's (Phi = sum_l m_l, every source g).
+# -- the blocked scan ------------------------------------------------------------------------
+def decayed_rows(X: Tensor, beta: float, state: Tensor, scale: np.ndarray) -> tuple[Tensor, Tensor]:
+    """The momentum rows of a block and the state after it.
 
-    Then F^(s) = sum_i f[s, i] g_i, u_k = sum_i U[k, i] g_i and w_{l,i} = sum_j A_l[i, j] g_j
-    with scalar coefficients (float64, numpy): the momentum sums are a first-order filter
-    over the one-hot batch indicators, u_k a suffix sum, w_{l,i} a scatter. So
-    M^(n) = h sum_i H_i W_i with W = (sum_l b_l^(n+1) A_l) @ G: one summed HVP.
-    """
-    m = probe.problem.num_batches
-    sig, start, n, K, scales = w.sequence, w.start, w.n, w.K, w.scales
-    onehot = np.zeros((K, m))
-    onehot[np.arange(K), w.targets] = 1.0  # step s = start + r uses batch sig[s]
-    f = np.zeros((K, m))  # F^(s) = sum_i f[r, i] g_i
-    for l, v in enumerate(optimizer.variables):
-        c0 = decay_weights(sig[:start], v.beta, m, v.source)
-        C = decay_filter(onehot, v.beta, c0)
-        f += scales[l, :K, None] * C
-    U = np.cumsum(f[::-1], axis=0)[::-1]  # U[r] = coefficients of u_k, k = n - start - r
-    A = np.zeros((m, m))
-    k = n - np.arange(start, n)
-    for l, v in enumerate(optimizer.variables):
-        if v.beta > 0.0:
-            weights = v.beta ** k.astype(np.float64)  # beta_l^k for the step of row r
-            A += scales[l, K] * (onehot.T @ (weights[:, None] * U))
-    G = probe.native_grads
-    W = torch.as_tensor(A, dtype=G.dtype, device=G.device) @ G  # (m, d)
-    if w.hvp == "vmap":
-        index = torch.arange(m, device=G.device)
-        return optimizer.lr * probe.native_vmapped_hvps(index, W).sum(0)
-    return optimizer.lr * probe.native_hvp(W, summed=True)
+    With ``S[-1] = state`` and ``S[r] = beta S[r-1] + X[r]`` (r = 0..T-1), returns
+    ``scale[r] S[r]`` (T, d) and ``S[T-1]`` (d,). Within the block
+    ``S[r] = beta^r sum_{j<=r} beta^-j X[j] + beta^(r+1) state``: one cumulative sum instead of
+    T sequential steps. The rounding errors are those of the recurrence (each partial sum's
+    error is scaled back by beta^r as its terms are); the block is kept short enough that
+    beta^-T stays representable (:func:`scan_rows`)."""
+    T = X.shape[0]
+    r = np.arange(T, dtype=np.float64)
+    dtype, device = X.dtype, X.device
+    up = torch.as_tensor(beta**-r, dtype=dtype, device=device)
+    Y = torch.cumsum(X * up[:, None], 0)  # (T, d)
+    after = Y[-1] * float(beta ** (T - 1)) + float(beta**T) * state
+    down = torch.as_tensor(scale * beta**r, dtype=dtype, device=device)
+    carry = torch.as_tensor(scale * beta ** (r + 1), dtype=dtype, device=device)
+    Y.mul_(down[:, None]).addr_(carry, state)
+    return Y, after
 
 
-def fused(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
-    """Eq. (9) on the CPU with the window in one fused pass (:mod:`noisemem.fused`): the
-    same ``w_l = B_l @ F`` as :func:`dense`, without the (K, d) arrays."""
+def scan_rows(optimizer: Optimizer, w: Window, d: int, dtype: torch.dtype, cpu: bool) -> int:
+    """Rows T of a block of the scan: cache-sized on a CPU (``CPU_BLOCK_BYTES``, at most
+    ``CPU_MAX_ROWS``), ``MAX_WINDOW_ELEMENTS`` over the variables elsewhere, and short
+    enough that beta^-T stays below the dtype's limit for every decaying variable."""
     variables = optimizer.variables
-    before = initial_states(optimizer, probe.native_sources(optimizer), w.sequence, w.start)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    T = MAX_WINDOW_ELEMENTS // max(1, len(variables) * d)
+    if cpu:
+        T = min(T, CPU_MAX_ROWS, CPU_BLOCK_BYTES // max(1, d * itemsize))
+    limit = math.log(_SCALE_LIMIT.get(dtype, _SCALE_LIMIT_DEFAULT))
+    for v in variables:
+        if 0.0 < v.beta < 1.0:
+            T = min(T, int(limit / -math.log(v.beta)))
+    return max(1, min(T, w.K))
+
+
+def _block_sources(
+    probe: Probe, optimizer: Optimizer, rows: Tensor | None, T: int
+) -> list[Tensor | None]:
+    """``G_l^{sigma(s)}`` for a block's steps: (T, d) rows of g, -g, g^2; None for theta."""
+    out: list[Tensor | None] = []
+    for v in optimizer.variables:
+        if v.source is Source.PARAM:
+            out.append(None)
+        else:
+            assert rows is not None
+            out.append(v.source.value(rows, probe.native_theta))
+    return out
+
+
+def block_momenta(
+    probe: Probe,
+    optimizer: Optimizer,
+    X: list[Tensor | None],
+    states: list[Tensor],
+    scales: np.ndarray,
+) -> list[Tensor]:
+    """The momentum rows ``m_l^(s+1)`` of a block (T, d) from its sources ``X`` (None:
+    theta) and the unscaled states before it; ``states`` is advanced in place."""
+    theta = probe.native_theta
+    T = scales.shape[1]
+    out = []
+    for l, v in enumerate(optimizer.variables):
+        x = X[l]
+        if x is None and v.beta == 0.0:  # b_l theta: one broadcast row when b_l is constant
+            if np.all(scales[l] == scales[l, 0]):
+                out.append(float(scales[l, 0]) * theta[None])
+            else:
+                b = torch.as_tensor(scales[l], dtype=theta.dtype, device=theta.device)
+                out.append(torch.outer(b, theta))
+            continue
+        if x is None:
+            x = theta.expand(T, -1)
+        if v.beta == 0.0:
+            sc = torch.as_tensor(scales[l], dtype=x.dtype, device=x.device)
+            out.append(x * sc[:, None])
+            continue
+        rows, states[l] = decayed_rows(x, v.beta, states[l], scales[l])
+        out.append(rows)
+    return out
+
+
+def initial_states(probe: Probe, optimizer: Optimizer, sig: np.ndarray, start: int) -> list[Tensor]:
+    """``S_l`` after steps 0..start-1: sum_{j<start} beta_l^(start-1-j) G_l^{sigma(j)}
+    (grouped by batch: one weighted sum of the batch gradients per variable)."""
+    m = probe.problem.num_batches
+    out = []
+    for v in optimizer.variables:
+        c = decay_weights(sig[:start], v.beta, m, v.source)
+        out.append(probe.native_weighted_source(v.source, c))
+    return out
+
+
+def scan_vectors(
+    probe: Probe, optimizer: Optimizer, w: Window
+) -> tuple[list[Tensor | None], list[Tensor]]:
+    """``w_{l,i}`` (rows: m for gradient sources, 1 for theta; None for the variables
+    without memory) and ``m^(n+1)``, by blocked scans in torch.
+
+    Blocks of T steps run forward: the block's batch gradients are gathered, its momentum
+    rows are :func:`decayed_rows` from the states carried over, F = Phi on the block, and
+    with P_s = sum_{start<=s'<s} F^(s') the prefix of F,
+    ``u_{n-s} = P_n - P_s``, so ``w_{l,i} = c_{l,i} P_n - sum_{sigma(s)=i} beta_l^(n-s) P_s``
+    (c_{l,i} = sum_{sigma(s)=i} beta_l^(n-s)): one pass, nothing of size (K, d). The last
+    block takes its u exactly as suffix sums of its own F instead, so the terms with the
+    largest weights carry no cancellation; the others' rounding (relative eps K of their
+    sum) is damped by beta^T.
+    """
+    theta = probe.native_theta
+    G = probe.native_grads
+    m, d = G.shape
+    dtype, device = theta.dtype, theta.device
+    variables = optimizer.variables
+    sig, start, n = w.sequence, w.start, w.n
+    grad_sources = any(v.source.uses_grad for v in variables)
+
+    def tensor(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(a, dtype=dtype, device=device)
+
+    states = initial_states(probe, optimizer, sig, start)
+    rows_of = [m if v.source.uses_grad else 1 for v in variables]
+    W: list[Tensor | None] = [None] * len(variables)
+    for l in w.memory:
+        W[l] = theta.new_zeros((rows_of[l], d))
+    on_P = {l: np.zeros(rows_of[l]) for l in w.memory}  # c_{l,i}: the weight of P_n
+    P = torch.zeros_like(theta)
+    T = scan_rows(optimizer, w, d, dtype, device.type == "cpu")
+    for s0 in range(start, n, T):
+        s1 = min(n, s0 + T)
+        idx = sig[s0:s1]
+        gathered = G.index_select(0, torch.as_tensor(idx, device=device)) if grad_sources else None
+        X = _block_sources(probe, optimizer, gathered, s1 - s0)
+        sc = w.scales[:, s0 - start : s1 - start]
+        F = optimizer.phi(*block_momenta(probe, optimizer, X, states, sc)).expand(s1 - s0, d)
+        E = torch.cumsum(F, 0).sub_(F)  # exclusive prefix of the block: P_s - P_{s0}
+        total = E[-1] + F[-1]
+        last = s1 == n
+        # rows: u_{n-s} (last block, exactly) or -P_s (the P_n part is added at the end)
+        V = torch.sub(total, E, out=E) if last else E.add_(P).neg_()
+        steps = np.arange(s0, s1)
+        for l in w.memory:
+            v = variables[l]
+            weights = memory_weights(v.beta, steps, n, w.tail_tol)
+            target = idx if v.source.uses_grad else np.zeros(s1 - s0, dtype=np.int64)
+            W[l].index_add_(  # type: ignore[union-attr]
+                0, torch.as_tensor(target, device=device), V * tensor(weights)[:, None]
+            )
+            if not last:
+                on_P[l] += np.bincount(target, weights=weights, minlength=rows_of[l])
+        P += total
+    for l in w.memory:
+        if np.any(on_P[l]):
+            W[l].addr_(tensor(on_P[l]), P)  # type: ignore[union-attr]
+    # m^(n+1): the states through step n-1, then step n itself
+    g_n = G[int(sig[n])] if grad_sources else None
+    b_n = w.scales[:, -1]
+    m_last = []
+    for l, v in enumerate(variables):
+        if v.source is Source.PARAM:
+            x = theta
+        else:
+            assert g_n is not None
+            x = v.source.value(g_n, theta)
+        S = x if v.beta == 0.0 else v.beta * states[l] + x
+        m_last.append(float(b_n[l]) * S)
+    return W, m_last
+
+
+# -- the strategies ------------------------------------------------------------------------
+def scan(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
+    """Eq. (9) with the window by blocked scans in torch (:func:`scan_vectors`)."""
+    W, m_last = scan_vectors(probe, optimizer, w)
+    return finish(probe, optimizer, w, W, m_last)
+
+
+def fused_vectors(
+    probe: Probe, optimizer: Optimizer, w: Window
+) -> tuple[list[Tensor | None], list[Tensor]]:
+    """``w_{l,i}`` and ``m^(n+1)`` from the fused CPU kernel (:mod:`noisemem.fused`)."""
+    variables = optimizer.variables
+    before = initial_states(probe, optimizer, w.sequence, w.start)
     steps = np.arange(w.start, w.n)
     states = {l: before[l] for l in w.memory}
     weights = {l: memory_weights(variables[l].beta, steps, w.n, w.tail_tol) for l in w.memory}
@@ -140,7 +299,40 @@ def fused(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
         optimizer, probe.native_grads, probe.native_theta, w.targets, states, w.scales, weights
     )
     W: list[Tensor | None] = [out.get(l) for l in range(len(variables))]
-    return finish(probe, optimizer, w, W, probe.native_momenta(optimizer, w.sequence))
+    return W, probe.native_momenta(optimizer, w.sequence)
+
+
+def fused(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
+    """Eq. (9) on the CPU with the window in one fused pass (:mod:`noisemem.fused`): the
+    same ``w_l`` as :func:`scan` and :func:`dense`, without (K, d) arrays."""
+    W, m_last = fused_vectors(probe, optimizer, w)
+    return finish(probe, optimizer, w, W, m_last)
+
+
+def linear(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
+    """Eq. (9) for optimizers linear in the g's (Phi = sum_l m_l, every source g).
+
+    Then dPhi/dm_l = I and ``M^(n) = h sum_l b_l^(n+1) sum_i H_i w_{l,i} = h sum_i H_i W_i``
+    with ``W_i = sum_l b_l^(n+1) w_{l,i}``: the w_{l,i} of the fused kernel (CPU) or the scan
+    (O(K d): no m x m coefficient matrix), one summed Hessian-vector product.
+    """
+    usable = fused_kernel.usable(optimizer, probe.native_theta)
+    if usable and fused_kernel.buffer(w.K) <= MAX_WINDOW_ELEMENTS:
+        W, _ = fused_vectors(probe, optimizer, w)
+    else:
+        W, _ = scan_vectors(probe, optimizer, w)
+    b_n = w.scales[:, -1]
+    combined: Tensor | None = None
+    for l in w.memory:
+        x = W[l]
+        assert x is not None
+        b = float(b_n[l])
+        combined = b * x if combined is None else combined.add_(x, alpha=b)
+    assert combined is not None
+    if w.hvp == "vmap":
+        index = torch.arange(combined.shape[0], device=combined.device)
+        return optimizer.lr * probe.native_vmapped_hvps(index, combined).sum(0)
+    return optimizer.lr * probe.native_hvp(combined, summed=True)
 
 
 def dense(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
@@ -198,7 +390,7 @@ def dense(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
 
 
 def streamed(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
-    """Eq. (9) for many distinct batches: an O(d) recurrence per step and variable,
+    """Eq. (9) with an O(d) recurrence per step and variable (a Python loop over the steps),
     streamed in blocks of steps (forward for the states, backward for the suffix sums)."""
     theta = probe.native_theta
     sig, start, n = w.sequence, w.start, w.n
@@ -211,7 +403,7 @@ def streamed(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     bounds = [*range(start, n + 1, rows_per_block), n + 1]
     blocks = list(itertools.pairwise(bounds))
     # forward pass: the state S_l before each block (one d-vector each)
-    states = [initial_states(optimizer, sources, sig, start)]
+    states = [initial_states(probe, optimizer, sig, start)]
     cached: list[Tensor] | None = None
     for s0, s1 in blocks:
         rows = state_rows(optimizer, sources, sig, s0, s1, states[-1])
@@ -253,11 +445,186 @@ def streamed(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     return finish(probe, optimizer, w, W, m_last)
 
 
+def online(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
+    """Eq. (9) in O(L d) memory: no (m, d) array.
+
+    The steps before the window enter through the states
+    ``S_l = sum_i c_i G_l^i`` (one pass of batch gradients without a graph, batch by group).
+    The window runs forward in blocks of steps: each block builds the graph of its steps'
+    batches (one row per step), reads its gradients, advances the states and F as
+    :func:`scan_vectors` does, and takes the block's products at once. With the prefix
+    P_s = sum_{start<=s'<s} F^(s'), ``u_{n-s} = P_n - P_s``, so
+
+        z_l = sum_i J[G_l^i] w_{l,i}
+            = sum_i J[G_l^i] (c_{l,i} P_n) - sum_s beta_l^(n-s) J[G_l^{sigma(s)}] P_s,
+
+    the second sum block by block (the last block with its exact suffix sums instead, as
+    in :func:`scan_vectors`), the first in one more pass over the batches once P_n is known.
+    The products of a step serve every variable (J[g] = H, J[g^2] = 2 diag(g) H). Cost:
+    about one pass of products per epoch of the window, plus one.
+    """
+    theta = probe.native_theta
+    problem = probe.problem
+    d = theta.numel()
+    m = problem.num_batches
+    dtype, device = theta.dtype, theta.device
+    variables = optimizer.variables
+    sig, start, n = w.sequence, w.start, w.n
+    numels = problem.numels
+    mem_grad = [l for l in w.memory if variables[l].source.uses_grad]
+    # one summed product serves when a single gradient variable has memory
+    single = len(mem_grad) == 1 and variables[mem_grad[0]].source is not Source.GRAD_SQ
+    kind = "shared" if single else "copies"
+
+    def tensor(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(a, dtype=dtype, device=device)
+
+    def split(v: Tensor) -> list[Tensor]:
+        return list(torch.split(v, numels, dim=-1))
+
+    # states before the window, by groups of batches without a graph
+    q = probe.plan.graph_batches
+    states = [torch.zeros_like(theta) for _ in variables]
+    coef = [decay_weights(sig[:start], v.beta, m, v.source) for v in variables]
+    leaves = [c.clone() for c in torch.split(theta, numels)]
+    for l, v in enumerate(variables):
+        if v.source is Source.PARAM:
+            states[l] = float(np.sum(coef[l])) * theta
+    if start > 0 and any(v.source.uses_grad for v in variables):
+        for lo in range(0, m, q):
+            hi = min(m, lo + q)
+            if not any(np.any(coef[l][lo:hi]) for l, v in enumerate(variables)):
+                continue
+            g = torch.cat(problem.shared_batch_grads(leaves, slice(lo, hi)), 1)
+            for l, v in enumerate(variables):
+                if v.source.uses_grad and np.any(coef[l][lo:hi]):
+                    c = tensor(coef[l][lo:hi])
+                    if v.source is Source.GRAD_SQ:
+                        states[l] += weighted_row_sum(g, g, c)
+                    else:
+                        states[l] += (c @ g) * (-1.0 if v.source is Source.NEG_GRAD else 1.0)
+    z = [torch.zeros_like(theta) for _ in variables]  # sum_i J[G_l^i] w_{l,i}
+    on_P = {l: np.zeros(m if variables[l].source.uses_grad else 1) for l in w.memory}
+    P = torch.zeros_like(theta)
+    T = max(1, min(q, scan_rows(optimizer, w, d, dtype, device.type == "cpu")))
+    for s0 in range(start, n, T):
+        s1 = min(n, s0 + T)
+        idx = sig[s0:s1]
+        steps = np.arange(s0, s1)
+        weights = {l: memory_weights(variables[l].beta, steps, n, w.tail_tol) for l in w.memory}
+        index = torch.as_tensor(idx, device=device)
+        graph = None
+        if mem_grad and w.hvp == "double_backward":
+            graph = probe.build_graph(kind, 0, s1 - s0, index)
+            gathered = torch.cat([c.detach() for c in graph.grads], 1)
+        else:
+            gathered = torch.cat(problem.shared_batch_grads(leaves, index), 1)
+        X = _block_sources(probe, optimizer, gathered, s1 - s0)
+        sc = w.scales[:, s0 - start : s1 - start]
+        F = optimizer.phi(*block_momenta(probe, optimizer, X, states, sc)).expand(s1 - s0, d)
+        E = torch.cumsum(F, 0).sub_(F)
+        total = E[-1] + F[-1]
+        last = s1 == n
+        V = torch.sub(total, E, out=E) if last else E.add_(P).neg_()  # (T, d)
+        for l in w.memory:
+            v = variables[l]
+            if not v.source.uses_grad:
+                z[l] += tensor(weights[l]) @ V  # J[theta] = I
+                if not last:
+                    on_P[l][0] += weights[l].sum()
+            elif not last:
+                on_P[l] += np.bincount(idx, weights=weights[l], minlength=m)
+        P += total
+        if not mem_grad:
+            continue
+        if single:
+            (l,) = mem_grad
+            cot = V * tensor(weights[l])[:, None]
+            hv = _products(probe, graph, index, cot, summed=True)
+            z[l] += -hv if variables[l].source is Source.NEG_GRAD else hv
+        else:
+            hv = _products(probe, graph, index, V, summed=False)  # (T, d): H_{sigma(s)} V_s
+            for l in mem_grad:
+                z[l] += _tangent_sum(variables[l].source, tensor(weights[l]), gathered, hv)
+        del graph
+    # the P_n part: sum_i J[G_l^i] (c_{l,i} P_n), one more pass over the batches
+    for l in w.memory:
+        if not variables[l].source.uses_grad and np.any(on_P[l]):
+            z[l] += float(on_P[l][0]) * P
+    with_P = [l for l in mem_grad if np.any(on_P[l])]
+    for lo in range(0, m, q):
+        hi = min(m, lo + q)
+        active = [l for l in with_P if np.any(on_P[l][lo:hi])]
+        if not active:
+            continue
+        c = {l: tensor(on_P[l][lo:hi]) for l in active}
+        index = torch.arange(lo, hi, device=device)
+        if w.hvp == "double_backward":
+            graph = probe.build_graph(kind, lo, hi)
+            rows = torch.cat([b.detach() for b in graph.grads], 1) if not single else None
+        else:
+            graph = None
+            rows = torch.cat(problem.shared_batch_grads(leaves, slice(lo, hi)), 1)
+        if single:
+            (l,) = active
+            hv = _products(probe, graph, index, c[l][:, None] * P, summed=True)
+            z[l] += -hv if variables[l].source is Source.NEG_GRAD else hv
+        else:
+            hv = _products(probe, graph, index, P.expand(hi - lo, d), summed=False)
+            for l in active:
+                z[l] += _tangent_sum(variables[l].source, c[l], rows, hv)  # type: ignore[arg-type]
+        del graph
+    # m^(n+1): the states through step n-1, then step n itself
+    b_n = w.scales[:, -1]
+    g_n = None
+    if any(v.source.uses_grad for v in variables):
+        last_batch = slice(int(sig[n]), int(sig[n]) + 1)
+        g_n = torch.cat(problem.shared_batch_grads(leaves, last_batch), 1)[0]
+    m_last = []
+    for l, v in enumerate(variables):
+        if v.source is Source.PARAM:
+            x = theta
+        else:
+            assert g_n is not None
+            x = v.source.value(g_n, theta)
+        S = x if v.beta == 0.0 else v.beta * states[l] + x
+        m_last.append(float(b_n[l]) * S)
+    tangent_args = tuple(float(b_n[l]) * z[l] for l in range(len(variables)))
+    _, dphi = jvp(optimizer.phi, tuple(m_last), tangent_args)
+    return optimizer.lr * dphi
+
+
+def _products(
+    probe: Probe, graph: BatchGraph | None, index: Tensor, V: Tensor, summed: bool
+) -> Tensor:
+    """``H_{index[r]} V[r]`` for rows of batches (a block of steps, or a group of batches
+    with ``graph`` built on them): summed (d,) or per row (T, d). Without a graph
+    (``hvp="vmap"``): forward-over-reverse per row."""
+    if graph is None:
+        hv = probe.native_vmapped_hvps(index, V)
+        return hv.sum(0) if summed else hv
+    blocks = list(torch.split(V, probe.problem.numels, dim=1))
+    request = HvpRequest(lambda lo, hi: blocks, "sum" if summed else "rows")
+    return probe.backward(graph, request, retain=False)
+
+
+def _tangent_sum(source: Source, weights: Tensor, g: Tensor, hv: Tensor) -> Tensor:
+    """``sum_r weights[r] J[G](theta) V_r`` from the rows ``hv = H V`` and ``g`` (J[g] = H,
+    J[-g] = -H, J[g^2] = 2 diag(g) H)."""
+    if source is Source.GRAD:
+        return weights @ hv
+    if source is Source.NEG_GRAD:
+        return -(weights @ hv)
+    return 2.0 * weighted_row_sum(g, hv, weights)
+
+
 STRATEGIES: dict[str, Callable[[Probe, Optimizer, Window], Tensor]] = {
     "linear": linear,
     "fused": fused,
+    "scan": scan,
     "dense": dense,
     "streamed": streamed,
+    "online": online,
 }
 
 
@@ -278,15 +645,22 @@ def unavailable(name: str, probe: Probe, optimizer: Optimizer, w: Window) -> str
 
 
 def choose(probe: Probe, optimizer: Optimizer, w: Window) -> str:
-    """The strategy ``window="auto"`` takes: linear where it applies (and the HVPs go through
-    the graph), else the fused CPU kernel, else dense for up to ``DENSE_MAX_BATCHES``
-    batches, else streamed."""
-    m = probe.problem.num_batches
-    if optimizer.linear and w.hvp != "vmap" and w.K * m * m <= MAX_WINDOW_ELEMENTS:
+    """The strategy ``window="auto"`` takes: linear where it applies, else the fused CPU
+    kernel where it applies, else the torch scan. All three cost O(K d) for the window and
+    hold O(m d); :func:`online` (O(L d)) is taken only when asked for."""
+    if optimizer.linear:
         return "linear"
     if unavailable("fused", probe, optimizer, w) is None:
         return "fused"
-    return "dense" if m <= DENSE_MAX_BATCHES else "streamed"
+    return "scan"
+
+
+def needs_per_batch(optimizer: Optimizer, hvp: str) -> bool:
+    """Whether Eq. (9) needs every ``H_i w_i`` apart (a squared-gradient source with memory,
+    through the graph), not only their sum."""
+    return hvp == "double_backward" and any(
+        v.beta > 0.0 and v.source is Source.GRAD_SQ for v in optimizer.variables
+    )
 
 
 # -- shared pieces -------------------------------------------------------------------------
@@ -307,10 +681,11 @@ def finish(
 def tangents(
     probe: Probe, optimizer: Optimizer, W: list[Tensor | None], targets: np.ndarray, hvp: str
 ) -> list[Tensor | None]:
-    """``z_l = sum_i J[G_l^i](theta) w_{l,i}`` for the variables with memory."""
+    """``z_l = sum_i J[G_l^i](theta) w_{l,i}`` for the variables with memory: J[g] = H and
+    J[-g] = -H by a summed product, J[g^2] = 2 diag(g) H by the per-batch products weighed
+    by g_i, all of them in one traversal of the graphs."""
     theta = probe.native_theta
     variables = optimizer.variables
-    active = torch.as_tensor(np.unique(targets), device=theta.device)
     out: list[Tensor | None] = [None] * len(W)
     grad_vars = [l for l, x in enumerate(W) if x is not None and variables[l].source.uses_grad]
     for l, x in enumerate(W):
@@ -318,8 +693,9 @@ def tangents(
             out[l] = x.sum(0)
     if not grad_vars:
         return out
-    g = probe.native_grads
     if hvp == "vmap":  # one vmapped forward-over-reverse call
+        g = probe.native_grads
+        active = torch.as_tensor(np.unique(targets), device=theta.device)
         index = active.repeat(len(grad_vars))
         vectors = torch.cat([W[l][active] for l in grad_vars])  # type: ignore[index]
         hv = probe.native_vmapped_hvps(index, vectors).view(len(grad_vars), len(active), -1)
@@ -328,21 +704,19 @@ def tangents(
             assert x is not None
             out[l] = variables[l].source.tangent(g[active], hv[j], x[active]).sum(0)
         return out
-    for l in grad_vars:  # one backward through the batch gradients' graph per variable
+    numels = probe.problem.numels
+    requests = []
+    for l in grad_vars:
         x = W[l]
         assert x is not None
-        out[l] = variables[l].source.tangent(g, probe.native_hvp(x, summed=False), x).sum(0)
-    return out
-
-
-def initial_states(
-    optimizer: Optimizer, sources: list[Tensor], sig: np.ndarray, start: int
-) -> list[Tensor]:
-    """``S_l`` after steps 0..start-1: sum_{j<start} beta_l^(start-1-j) G_l^{sigma(j)}."""
-    out = []
-    for v, G in zip(optimizer.variables, sources, strict=True):
-        c = decay_weights(sig[:start], v.beta, G.shape[0], v.source)
-        out.append(torch.as_tensor(c, dtype=G.dtype, device=G.device) @ G)
+        reduce = "own" if variables[l].source is Source.GRAD_SQ else "sum"
+        requests.append(HvpRequest(rows_of(x, numels), reduce))
+    for l, hv in zip(grad_vars, probe.native_hvps(requests), strict=True):
+        source = variables[l].source
+        if source is Source.GRAD_SQ:
+            out[l] = hv.mul_(2.0)
+        else:
+            out[l] = hv.neg_() if source is Source.NEG_GRAD else hv
     return out
 
 
