@@ -58,11 +58,9 @@ from noisemem.probe import BatchGraph, HvpRequest, Probe, rows_of, weighted_row_
 
 #: at most this many numbers (window rows x d, summed over variables) are held at once
 MAX_WINDOW_ELEMENTS = 1 << 26
-#: a block of the scan on a CPU: rows of about this many bytes per array (cache-sized)
-CPU_BLOCK_BYTES = 1 << 19
-#: the scan's blocks on a CPU have at most this many rows (fewer Python-level calls beyond
-#: would not pay for the arrays leaving the cache)
-CPU_MAX_ROWS = 64
+#: rows of a block of the scan done by matrix products (a CPU): their flops grow as T per
+#: number, the Python-level calls per block fall as 1/T
+MATRIX_ROWS = 12
 #: the scan scales a block's rows by beta^-r: the largest factor allowed, per dtype
 _SCALE_LIMIT = {torch.float16: 2.0**6, torch.bfloat16: 2.0**6, torch.float32: 2.0**20}
 _SCALE_LIMIT_DEFAULT = 2.0**50
@@ -131,19 +129,20 @@ def decayed_rows(X: Tensor, beta: float, state: Tensor, scale: np.ndarray) -> tu
     return Y, after
 
 
-def scan_rows(optimizer: Optimizer, w: Window, d: int, dtype: torch.dtype, cpu: bool) -> int:
-    """Rows T of a block of the scan: cache-sized on a CPU (``CPU_BLOCK_BYTES``, at most
-    ``CPU_MAX_ROWS``), ``MAX_WINDOW_ELEMENTS`` over the variables elsewhere, and short
-    enough that beta^-T stays below the dtype's limit for every decaying variable."""
+def scan_rows(optimizer: Optimizer, w: Window, d: int, dtype: torch.dtype, matrices: bool) -> int:
+    """Rows T of a block of the scan: at most ``MAX_WINDOW_ELEMENTS`` numbers over the
+    variables; with matrix products ``MATRIX_ROWS`` (their cost grows with T); with
+    cumulative sums short enough that beta^-T stays below the dtype's limit for every
+    decaying variable (:func:`decayed_rows`)."""
     variables = optimizer.variables
-    itemsize = torch.empty((), dtype=dtype).element_size()
     T = MAX_WINDOW_ELEMENTS // max(1, len(variables) * d)
-    if cpu:
-        T = min(T, CPU_MAX_ROWS, CPU_BLOCK_BYTES // max(1, d * itemsize))
-    limit = math.log(_SCALE_LIMIT.get(dtype, _SCALE_LIMIT_DEFAULT))
-    for v in variables:
-        if 0.0 < v.beta < 1.0:
-            T = min(T, int(limit / -math.log(v.beta)))
+    if matrices:
+        T = min(T, MATRIX_ROWS)
+    else:
+        limit = math.log(_SCALE_LIMIT.get(dtype, _SCALE_LIMIT_DEFAULT))
+        for v in variables:
+            if 0.0 < v.beta < 1.0:
+                T = min(T, int(limit / -math.log(v.beta)))
     return max(1, min(T, w.K))
 
 
@@ -211,13 +210,19 @@ def scan_vectors(
     without memory) and ``m^(n+1)``, by blocked scans in torch.
 
     Blocks of T steps run forward: the block's batch gradients are gathered, its momentum
-    rows are :func:`decayed_rows` from the states carried over, F = Phi on the block, and
-    with P_s = sum_{start<=s'<s} F^(s') the prefix of F,
-    ``u_{n-s} = P_n - P_s``, so ``w_{l,i} = c_{l,i} P_n - sum_{sigma(s)=i} beta_l^(n-s) P_s``
+    rows come from the states carried over, F = Phi on the block, and with
+    P_s = sum_{start<=s'<s} F^(s') the prefix of F, ``u_{n-s} = P_n - P_s``, so
+    ``w_{l,i} = c_{l,i} P_n - sum_{sigma(s)=i} beta_l^(n-s) P_s``
     (c_{l,i} = sum_{sigma(s)=i} beta_l^(n-s)): one pass, nothing of size (K, d). The last
     block takes its u exactly as suffix sums of its own F instead, so the terms with the
     largest weights carry no cancellation; the others' rounding (relative eps K of their
     sum) is damped by beta^T.
+
+    A block is a few small T x T operators on (T, d) rows: the decayed prefix sums of the
+    momenta, the (weighted) suffix and prefix sums of F. On a CPU they are matrix products
+    (:class:`_MatrixBlock`: a handful of BLAS calls per block, where a ``cumsum`` down the
+    rows runs at a fifth of memory speed); elsewhere cumulative sums (:func:`decayed_rows`:
+    O(1) work per number, where the products' O(T) would dominate on a GPU).
     """
     theta = probe.native_theta
     G = probe.native_grads
@@ -226,6 +231,7 @@ def scan_vectors(
     variables = optimizer.variables
     sig, start, n = w.sequence, w.start, w.n
     grad_sources = any(v.source.uses_grad for v in variables)
+    matrices = device.type == "cpu" if SCAN_MATRICES is None else SCAN_MATRICES
 
     def tensor(a: np.ndarray) -> Tensor:
         return torch.as_tensor(a, dtype=dtype, device=device)
@@ -237,29 +243,46 @@ def scan_vectors(
         W[l] = theta.new_zeros((rows_of[l], d))
     on_P = {l: np.zeros(rows_of[l]) for l in w.memory}  # c_{l,i}: the weight of P_n
     P = torch.zeros_like(theta)
-    T = scan_rows(optimizer, w, d, dtype, device.type == "cpu")
-    for s0 in range(start, n, T):
+    T = scan_rows(optimizer, w, d, dtype, matrices)
+    window_steps = np.arange(start, n)
+    all_weights = {
+        l: memory_weights(variables[l].beta, window_steps, n, w.tail_tol) for l in w.memory
+    }
+    block = _MatrixBlock(probe, optimizer, w, T, all_weights) if matrices else None
+    for b, s0 in enumerate(range(start, n, T)):
         s1 = min(n, s0 + T)
         idx = sig[s0:s1]
-        gathered = G.index_select(0, torch.as_tensor(idx, device=device)) if grad_sources else None
-        X = _block_sources(probe, optimizer, gathered, s1 - s0)
+        index = torch.as_tensor(idx, device=device)
         sc = w.scales[:, s0 - start : s1 - start]
-        F = optimizer.phi(*block_momenta(probe, optimizer, X, states, sc)).expand(s1 - s0, d)
-        E = torch.cumsum(F, 0).sub_(F)  # exclusive prefix of the block: P_s - P_{s0}
-        total = E[-1] + F[-1]
         last = s1 == n
-        # rows: u_{n-s} (last block, exactly) or -P_s (the P_n part is added at the end)
-        V = torch.sub(total, E, out=E) if last else E.add_(P).neg_()
-        steps = np.arange(s0, s1)
-        for l in w.memory:
-            v = variables[l]
-            weights = memory_weights(v.beta, steps, n, w.tail_tol)
-            target = idx if v.source.uses_grad else np.zeros(s1 - s0, dtype=np.int64)
-            W[l].index_add_(  # type: ignore[union-attr]
-                0, torch.as_tensor(target, device=device), V * tensor(weights)[:, None]
-            )
-            if not last:
-                on_P[l] += np.bincount(target, weights=weights, minlength=rows_of[l])
+        weights = {l: all_weights[l][s0 - start : s1 - start] for l in w.memory}
+        targets = {
+            l: idx if variables[l].source.uses_grad else np.zeros(s1 - s0, dtype=np.int64)
+            for l in w.memory
+        }
+        if block is not None:
+            F = optimizer.phi(*block.momenta(b, G if grad_sources else None, index, states))
+            rows, total = block.scatter(b, F, P)
+            for l in w.memory:
+                target = (
+                    index if variables[l].source.uses_grad else tensor_index(targets[l], device)
+                )
+                W[l].index_add_(0, target, rows[l])  # type: ignore[union-attr]
+        else:
+            gathered = G.index_select(0, index) if grad_sources else None
+            X = _block_sources(probe, optimizer, gathered, s1 - s0)
+            F = optimizer.phi(*block_momenta(probe, optimizer, X, states, sc)).expand(s1 - s0, d)
+            E = torch.cumsum(F, 0).sub_(F)  # exclusive prefix of the block: P_s - P_{s0}
+            total = E[-1] + F[-1]
+            # rows: u_{n-s} (last block, exactly) or -P_s (the P_n part is added at the end)
+            V = torch.sub(total, E, out=E) if last else E.add_(P).neg_()
+            for l in w.memory:
+                W[l].index_add_(  # type: ignore[union-attr]
+                    0, tensor_index(targets[l], device), V * tensor(weights[l])[:, None]
+                )
+        if not last:
+            for l in w.memory:
+                on_P[l] += np.bincount(targets[l], weights=weights[l], minlength=rows_of[l])
         P += total
     for l in w.memory:
         if np.any(on_P[l]):
@@ -277,6 +300,183 @@ def scan_vectors(
         S = x if v.beta == 0.0 else v.beta * states[l] + x
         m_last.append(float(b_n[l]) * S)
     return W, m_last
+
+
+#: None: the scan's blocks are matrix products on a CPU, cumulative sums elsewhere;
+#: True/False forces one way (the tests run both on a CPU)
+SCAN_MATRICES: bool | None = None
+
+
+def tensor_index(a: np.ndarray, device: torch.device) -> Tensor:
+    return torch.as_tensor(a, dtype=torch.int64, device=device)
+
+
+class _MatrixBlock:
+    """The scan's block operators as small matrices (:func:`scan_vectors`), all of them
+    built for the whole window at once (one conversion to torch per kind), with the rows
+    buffers reused from block to block.
+
+    Momenta: for a decaying variable with the source rows X (t, d) and the unscaled state S
+    before the block, ``[S; X]`` (t+1, d) times the (t+1, t+1) matrix whose row r < t is
+    ``scale_r (beta^(r+1), beta^(r-j) for j <= r)`` and whose row t is the state after the
+    block ``(beta^t, beta^(t-1-j))``: the scaled momentum rows and the next state in one
+    product. Memoryless variables scale X row by row.
+
+    F's sums: ``[P_{s0}; F]`` times the (t+1, t+1) matrix with the rows ``(0, [j >= r])``
+    (last block: the suffix sums u_{n-s}) or ``-(1, [j < r])`` (the others: -P_s), and the
+    row ``(0, 1, ..., 1)`` for the block's total; each weight vector (a variable with
+    memory, say) then scales those rows.
+    """
+
+    def __init__(
+        self,
+        probe: Probe,
+        optimizer: Optimizer,
+        w: Window,
+        T: int,
+        weights: dict[int, np.ndarray],
+    ) -> None:
+        self.probe = probe
+        self.optimizer = optimizer
+        theta = probe.native_theta
+        d = theta.numel()
+        self.dtype, self.device = theta.dtype, theta.device
+        variables = optimizer.variables
+        K = w.K
+        self.bounds = [(r0, min(K, r0 + T)) for r0 in range(0, K, T)]
+        # one [S; X] buffer per source with memory (g or -g share one: the sign sits in the
+        # matrix), a second one when two decaying variables share a source
+        self.slot: dict[int, int] = {}  # variable -> its [S; X] buffer
+        self.kinds: list[str] = []  # per buffer: what its rows X are ("g", "g^2", "theta")
+        taken: set[str] = set()
+        for l, v in enumerate(variables):
+            if v.beta > 0.0:
+                kind = {Source.GRAD_SQ: "g^2", Source.PARAM: "theta"}.get(v.source, "g")
+                if kind in taken:  # a second decaying variable of the same source
+                    kind = f"{kind}/{l}"
+                taken.add(kind)
+                self.slot[l] = len(self.kinds)
+                self.kinds.append(kind)
+        self.buffers = [theta.new_empty((T + 1, d)) for _ in self.kinds]
+        self.F = theta.new_empty((T + 1, d))
+        self.scales = torch.as_tensor(w.scales, dtype=self.dtype, device=self.device)
+        self.constant = [bool(np.all(row == row[0])) for row in w.scales]
+        self._first = w.scales[:, 0].copy()
+        self.moments = {
+            l: self._blocks(self._momentum_matrices(v.beta, w.scales[l, :K], v.source), T)
+            for l, v in enumerate(variables)
+            if v.beta > 0.0
+        }
+        self.sums = self._blocks(self._sum_matrices(K, T), T)
+        self.weights = {
+            name: torch.as_tensor(wl, dtype=self.dtype, device=self.device)
+            for name, wl in weights.items()
+        }
+
+    def _blocks(self, parts: list[np.ndarray], T: int) -> list[Tensor]:
+        """Full blocks stacked (one conversion), the ragged last one apart."""
+        out: list[Tensor] = []
+        full = [p for p in parts if p.shape[-1] == T + 1]
+        if full:
+            stacked = torch.as_tensor(np.stack(full), dtype=self.dtype, device=self.device)
+            out.extend(stacked.unbind(0))
+        if len(full) < len(parts):
+            out.append(torch.as_tensor(parts[-1], dtype=self.dtype, device=self.device))
+        return out
+
+    def _momentum_matrices(
+        self, beta: float, scale: np.ndarray, source: Source
+    ) -> list[np.ndarray]:
+        sign = -1.0 if source is Source.NEG_GRAD else 1.0
+        out = []
+        for r0, r1 in self.bounds:
+            t = r1 - r0
+            sc = scale[r0:r1]
+            r = np.arange(t)
+            lag = np.subtract.outer(r, r)  # r - j
+            A = np.zeros((t + 1, t + 1))
+            A[:t, 0] = sc * beta ** (r + 1.0)
+            A[:t, 1:] = np.where(lag >= 0, beta ** np.maximum(lag, 0).astype(np.float64), 0.0)
+            A[:t, 1:] *= sign * sc[:, None]
+            A[t, 0] = beta**t
+            A[t, 1:] = sign * beta ** (t - 1.0 - r)
+            out.append(A)
+        return out
+
+    def _sum_matrices(self, K: int, T: int) -> list[np.ndarray]:
+        out = []
+        for b, (r0, r1) in enumerate(self.bounds):
+            t = r1 - r0
+            r = np.arange(t)
+            later = (r[None, :] >= r[:, None]).astype(np.float64)  # [j >= r]
+            A = np.zeros((t + 1, t + 1))
+            if b == len(self.bounds) - 1:
+                A[:t, 1:] = later
+            else:
+                A[:t, 0] = -1.0
+                A[:t, 1:] = later - 1.0  # -[j < r]
+            A[t, 1:] = 1.0
+            out.append(A)
+        return out
+
+    def momenta(
+        self, b: int, G: Tensor | None, index: Tensor, states: list[Tensor]
+    ) -> list[Tensor]:
+        """The momentum rows of block b (t, d) each; ``states`` advanced in place."""
+        theta = self.probe.native_theta
+        r0, r1 = self.bounds[b]
+        t = r1 - r0
+        variables = self.optimizer.variables
+        rows: Tensor | None = None  # the block's g rows
+        filled: set[str] = set()
+        out: list[Tensor] = []
+        for l, v in enumerate(variables):
+            if v.beta == 0.0:
+                sc = self.scales[l, r0:r1]
+                if v.source is Source.PARAM:  # b_l theta: one broadcast row if b_l is constant
+                    if self.constant[l]:
+                        out.append(float(self._first[l]) * theta[None])
+                    else:
+                        out.append(torch.outer(sc, theta))
+                    continue
+                if rows is None:  # memoryless: scale_r G^{sigma(s)}
+                    assert G is not None
+                    rows = G.index_select(0, index)
+                out.append(v.source.value(rows, theta) * sc[:, None])
+                continue
+            slot = self.slot[l]
+            buf = self.buffers[slot][: t + 1]
+            kind = self.kinds[slot]
+            if kind not in filled:
+                if v.source is Source.PARAM:
+                    buf[1:] = theta
+                elif v.source is Source.GRAD_SQ:
+                    if rows is None:
+                        assert G is not None
+                        rows = G.index_select(0, index)
+                    torch.mul(rows, rows, out=buf[1:])
+                else:  # g or -g: the sign sits in the matrix
+                    assert G is not None
+                    torch.index_select(G, 0, index, out=buf[1:])
+                    rows = buf[1:] if rows is None else rows
+                filled.add(kind)
+            buf[0] = states[l]
+            prod = self.moments[l][b] @ buf  # (t+1, d)
+            states[l] = prod[t]
+            out.append(prod[:t])
+        return out
+
+    def scatter(self, b: int, F: Tensor, P: Tensor) -> tuple[dict[int, Tensor], Tensor]:
+        """Block b's rows to add for each weight vector (t, d), and its total of F (d,)."""
+        r0, r1 = self.bounds[b]
+        t = r1 - r0
+        buf = self.F[: t + 1]
+        buf[0] = P
+        buf[1:] = F  # F may be one broadcast row
+        out = self.sums[b] @ buf  # (t+1, d): u_{n-s} or -P_s, then the total
+        V = out[:t]
+        rows = {name: V * wl[r0:r1, None] for name, wl in self.weights.items()}
+        return rows, out[t]
 
 
 # -- the strategies ------------------------------------------------------------------------
@@ -506,8 +706,10 @@ def online(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     z = [torch.zeros_like(theta) for _ in variables]  # sum_i J[G_l^i] w_{l,i}
     on_P = {l: np.zeros(m if variables[l].source.uses_grad else 1) for l in w.memory}
     P = torch.zeros_like(theta)
-    T = max(1, min(q, scan_rows(optimizer, w, d, dtype, device.type == "cpu")))
-    for s0 in range(start, n, T):
+    matrices = device.type == "cpu" if SCAN_MATRICES is None else SCAN_MATRICES
+    T = max(1, min(q, scan_rows(optimizer, w, d, dtype, matrices)))
+    block = _MatrixBlock(probe, optimizer, w, T, {0: np.ones(w.K)}) if matrices else None
+    for b, s0 in enumerate(range(start, n, T)):
         s1 = min(n, s0 + T)
         idx = sig[s0:s1]
         steps = np.arange(s0, s1)
@@ -519,13 +721,20 @@ def online(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
             gathered = torch.cat([c.detach() for c in graph.grads], 1)
         else:
             gathered = torch.cat(problem.shared_batch_grads(leaves, index), 1)
-        X = _block_sources(probe, optimizer, gathered, s1 - s0)
         sc = w.scales[:, s0 - start : s1 - start]
-        F = optimizer.phi(*block_momenta(probe, optimizer, X, states, sc)).expand(s1 - s0, d)
-        E = torch.cumsum(F, 0).sub_(F)
-        total = E[-1] + F[-1]
         last = s1 == n
-        V = torch.sub(total, E, out=E) if last else E.add_(P).neg_()  # (T, d)
+        if block is not None:
+            rows = torch.arange(s1 - s0, device=device)
+            F = optimizer.phi(*block.momenta(b, gathered, rows, states))
+            sums, total = block.scatter(b, F, P)
+            V = sums[0]  # (T, d): u_{n-s} (last block) or -P_s
+        else:
+            X = _block_sources(probe, optimizer, gathered, s1 - s0)
+            F = optimizer.phi(*block_momenta(probe, optimizer, X, states, sc))
+            F = F.expand(s1 - s0, d)
+            E = torch.cumsum(F, 0).sub_(F)
+            total = E[-1] + F[-1]
+            V = torch.sub(total, E, out=E) if last else E.add_(P).neg_()
         for l in w.memory:
             v = variables[l]
             if not v.source.uses_grad:

@@ -39,8 +39,16 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=[True, False], ids=["matrices", "cumsum"])
+def block_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both forms of the scan's blocks: matrix products (a CPU's) and cumulative sums (a
+    GPU's), forced on this CPU."""
+    monkeypatch.setattr(windows, "SCAN_MATRICES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("opt, window, hvp", CASES, ids=["-".join(c) for c in CASES])
-def test_scan_and_online_windows_match_literal_eq9(opt, window, hvp):
+def test_scan_and_online_windows_match_literal_eq9(opt, window, hvp, block_form):
     tiny = make_tiny("gelu_mlp")
     optimizer = OPTIMIZERS[opt]
     ours = memory_correction(
@@ -51,7 +59,7 @@ def test_scan_and_online_windows_match_literal_eq9(opt, window, hvp):
 
 @pytest.mark.parametrize("window", ["scan", "online"])
 @pytest.mark.parametrize("opt", ["heavy_ball", "adamw_eps_in_sqrt", "lion_soft", "nadamw"])
-def test_blocks_of_one_step_change_nothing(monkeypatch, opt, window):
+def test_blocks_of_one_step_change_nothing(monkeypatch, opt, window, block_form):
     """The scan and the online window in blocks of 1, 2 and 3 steps (the carry between
     blocks, the prefix sums across them, the last block's exact suffix) against one block."""
     tiny = make_tiny("gelu_mlp")
@@ -70,7 +78,7 @@ def test_blocks_of_one_step_change_nothing(monkeypatch, opt, window):
 
 
 @pytest.mark.parametrize("window", ["auto", "scan", "linear", "online"])
-def test_every_window_drops_the_same_tail(window):
+def test_every_window_drops_the_same_tail(window, block_form):
     """With a tail tolerance that cuts the window after step 0, every strategy must drop
     exactly the terms the fused kernel and the dense path drop."""
     tiny = make_tiny("gelu_mlp")
