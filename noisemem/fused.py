@@ -1,12 +1,10 @@
 """A fused CPU kernel for the window of Eq. (9) (momentum rows, Phi, suffix sums, scatter).
 
-The torch evaluation of the window (:func:`noisemem.window.dense`) materialises every momentum
-row, every ``F^(s)`` and every suffix sum as ``(K, d)`` arrays: coefficient matrices times
-the stacked sources, Phi elementwise, then coefficient matrices again. On a CPU each pass
-over those arrays costs about as much as the arithmetic, and the two matrix products per
-variable cost ``2 K m d`` flops for what a recurrence does in ``K d``. On a GPU that is
-cheap; on a CPU it dominates. This module computes the same numbers in one pass per block of
-coordinates, so that a block's rows stay in cache:
+The torch evaluations of the window (:func:`noisemem.window.scan`, blocks of steps through
+small matrix products or cumulative sums; :func:`noisemem.window.dense`, (K, d) arrays) make
+several passes over every block of rows; on a CPU each pass costs about as much as the
+arithmetic. This module computes the same numbers in one pass per block of coordinates, so
+that a block's rows stay in cache:
 
     forward over the window s = start..n-1 (row r = s - start):
         S_a <- beta_a S_a + g_{sigma(s)}            (first moment, unscaled)
@@ -19,7 +17,10 @@ coordinates, so that a block's rows stay in cache:
 
 with the scales c (signs folded in) and weights w (``beta_l^(n-s)``, zero where a variable's
 own horizon ends) computed by the caller. The result ``w_{l,i}`` equals ``B_l @ F`` of the
-torch path; tests compare both with the literal Eq. (9).
+torch paths; tests compare them with the literal Eq. (9). The kernel also returns S_a and
+S_q after the window (the momenta m^(n+1) follow from them and step n's gradient), writes
+only the outputs asked for (heavy ball has no second moment) and keeps its per-thread rows
+of F between calls (:data:`_WORKSPACE`: at most ``buffer(K)`` numbers).
 
 Which optimizers it covers is read off their description (:func:`form`): a Phi with a
 :class:`~noisemem.optim.Form` of kind ``sum`` (heavy ball, Nesterov), ``adam`` (AdamW, NAdamW,
@@ -153,14 +154,16 @@ def window(
     states: dict[int, Tensor],
     scales: np.ndarray,
     weights: dict[int, np.ndarray],
-) -> dict[int, Tensor]:
-    """``w_l = B_l @ F`` over a window of K steps for the variables in ``weights``.
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """``w_l = B_l @ F`` over a window of K steps for the variables in ``weights``, and the
+    unscaled sums S_l of the kernel's momenta (a, q) after the window.
 
     ``grads`` (m, d): the batch gradients g_i; ``target`` (K,): the batch of each step;
     ``states[l]`` (d,): the unscaled sum S_l of variable l (a or q) before the window, of its
     own source (-g for Lion); ``scales`` (L, K or more): b_l^(s+1) for the window's steps in
     its first K columns; ``weights[l]`` (K,): beta_l^(n-s), zero outside the variable's
-    horizon. Returns ``{l: w_l}`` ((m, d) each).
+    horizon. Returns ``{l: w_l}`` ((m, d) each) and ``{l: S_l}`` ((d,) each, in the
+    variable's own source).
     """
     f = form(optimizer)
     nb = _numba()
@@ -189,6 +192,7 @@ def window(
     # only the slots that are asked for get an (m, d) output; the other is never written
     wanted = [l is not None and l in weights for l in slots]
     outs = [np.zeros((m, d) if want else (1, 1), dtype=np_dtype) for want in wanted]
+    ends = np.empty((2, d), dtype=np_dtype)  # the unscaled sums after the window
     block = _block(K)
     scalar = np_dtype
     threads = _threads()
@@ -212,15 +216,20 @@ def window(
             wts,
             outs[0],
             outs[1],
+            ends,
             block,
             _workspace(threads, K, block, np_dtype),
         )
     out: dict[int, Tensor] = {}
+    after: dict[int, Tensor] = {}
     for s, l in enumerate(slots):
         if wanted[s]:
             assert l is not None
             out[l] = torch.from_numpy(outs[s])
-    return out
+        if l is not None:
+            sign = sign_a if s == 0 else 1.0  # back to the variable's own source
+            after[l] = sign * torch.from_numpy(ends[s])
+    return out, after
 
 
 #: the kernel's per-thread rows of F, kept between calls (at most ``buffer(K)`` numbers):
@@ -264,6 +273,7 @@ def _kernel(parallel: bool) -> Any:
         wts: np.ndarray,
         Wa: np.ndarray,
         Wq: np.ndarray,
+        ends: np.ndarray,
         blk: int,
         work: np.ndarray,
     ) -> None:  # pragma: no cover - compiled; covered through correction's tests
@@ -313,6 +323,8 @@ def _kernel(parallel: bool) -> Any:
                             s2 = beta_q * Sq[j] + gj * gj
                             Sq[j] = s2
                             F[j] = (a * s + b * gj) / (np.sqrt(q * s2) + eps) + p * th[j]
+                ends[0, j0:j1] = Sa
+                ends[1, j0:j1] = Sq
                 U = np.zeros(n, G.dtype)
                 for r in range(K - 1, -1, -1):
                     F = rows[r * n : (r + 1) * n]

@@ -67,13 +67,14 @@ class BatchGraph:
 class HvpRequest:
     """One pass of products through the batch gradients' graph (:meth:`Probe.native_hvps`).
 
-    ``cotangent(lo, hi)``: the per-parameter blocks ``w_i`` for the batches lo..hi-1.
+    ``cotangent(lo, hi)``: the per-parameter blocks ``w_i`` for the batches lo..hi-1; None:
+    the graph's own gradients, ``w_i = g_i`` (contiguous, as autograd made them).
     ``reduce``: ``"sum"`` (``sum_i H_i w_i``, a d-vector), ``"rows"`` (every ``H_i w_i``,
     ``(m, d)``), ``"own"`` (``sum_i g_i * H_i w_i``, a d-vector: half the tangent of a
     squared-gradient source, J[g^2] = 2 diag(g) H, with the graph's own g_i), or an
     ``(m, d)`` tensor A (``sum_i A_i * H_i w_i``)."""
 
-    cotangent: Cotangent
+    cotangent: Cotangent | None
     reduce: str | Tensor = "sum"
 
     @property
@@ -200,8 +201,6 @@ class Probe:
             if self._kept is None or (kind == "copies" and self._kept.kind != "copies"):
                 self._kept = None  # free the old graph before the new one is built
                 self._kept = self.build_graph(kind, 0, m)
-                if self._grads is None:
-                    self._grads = torch.cat([g.detach() for g in self._kept.grads], 1)
             yield self._kept
             return
         for lo, hi in self._groups():
@@ -214,8 +213,8 @@ class Probe:
         the kept graph, or group by group without a graph)."""
         if self._grads is None:
             if self.plan.mode == "graph":
-                for _ in self._graphs(self._kind):
-                    pass
+                (graph,) = self._graphs(self._kind)
+                self._grads = torch.cat([g.detach() for g in graph.grads], 1)
             else:
                 m, d = self.problem.num_batches, self.native_theta.numel()
                 out = self.native_theta.new_empty((m, d))
@@ -259,7 +258,10 @@ class Probe:
     def backward(self, graph: BatchGraph, r: HvpRequest, retain: bool) -> Tensor:
         """One backward pass of ``r`` through ``graph``: a d-vector (reduced as ``r`` says),
         or ``(hi-lo, d)`` for ``"rows"``."""
-        blocks = r.cotangent(graph.lo, graph.hi)
+        if r.cotangent is None:
+            blocks: Sequence[Tensor] = [g.detach() for g in graph.grads]
+        else:
+            blocks = r.cotangent(graph.lo, graph.hi)
         summed = not r.per_batch
         inputs = graph.leaves if summed else graph.copies
         assert inputs is not None, "per-batch products need a 'copies' graph"
@@ -325,8 +327,11 @@ class Probe:
                     blocks = self.problem.shared_batch_grads(leaves, slice(lo, hi))
                     g += torch.cat([b.sum(0) for b in blocks])
                 self._g = g / self.problem.num_batches
+            elif self._grads is None:  # from the kept graph's blocks: no (m, d) copy
+                (graph,) = self._graphs(self._kind)
+                self._g = torch.cat([g.detach().mean(0) for g in graph.grads])
             else:
-                self._g = self.native_grads.mean(0)
+                self._g = self._grads.mean(0)
         return self._g
 
     def _full_hvp(self, v: Tensor) -> Tensor:
@@ -366,16 +371,16 @@ class Probe:
                 g_sum = torch.zeros_like(self.native_theta)
                 own = torch.zeros_like(self.native_theta)
                 for graph in self._graphs(self._kind):
-                    detached = [c.detach() for c in graph.grads]
-                    g_sum += torch.cat([c.sum(0) for c in detached])
-                    request = HvpRequest(lambda lo, hi, blocks=detached: blocks)
-                    own += self.backward(graph, request, retain=False)
+                    g_sum += torch.cat([c.detach().sum(0) for c in graph.grads])
+                    own += self.backward(graph, HvpRequest(None), retain=False)
                 if self._g is None:
                     self._g = g_sum / m
                 self._hg = self._hessian_gradient()
             else:
                 g = self._full_grad()
-                todo = [HvpRequest(rows_of(self.native_grads, numels))]
+                # the kept graph's own gradients, or the rows of the kept ones
+                own_rows = None if self.plan.mode == "graph" else rows_of(self.native_grads, numels)
+                todo = [HvpRequest(own_rows)]
                 if self._hg is None:
                     todo.append(HvpRequest(broadcast(g, numels)))
                 done = self.native_hvps(todo)
@@ -407,7 +412,13 @@ class Probe:
         theta = self.native_theta
         if source is Source.PARAM:
             return float(np.sum(c)) * theta
+        rows = np.flatnonzero(c)
+        if rows.size == 0:  # e.g. a window that starts at step 0: nothing to read
+            return torch.zeros_like(theta)
         G = self.native_grads
+        if rows.size < c.size:  # only the batches that carry weight
+            index = torch.as_tensor(rows, device=G.device)
+            G, c = G.index_select(0, index), c[rows]
         ct = torch.as_tensor(c, dtype=G.dtype, device=G.device)
         if source is Source.GRAD_SQ:
             return weighted_row_sum(G, G, ct)

@@ -489,17 +489,34 @@ def scan(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
 def fused_vectors(
     probe: Probe, optimizer: Optimizer, w: Window
 ) -> tuple[list[Tensor | None], list[Tensor]]:
-    """``w_{l,i}`` and ``m^(n+1)`` from the fused CPU kernel (:mod:`noisemem.fused`)."""
+    """``w_{l,i}`` and ``m^(n+1)`` from the fused CPU kernel (:mod:`noisemem.fused`); the
+    momenta from the kernel's sums after the window and step n's own gradient."""
     variables = optimizer.variables
     before = initial_states(probe, optimizer, w.sequence, w.start)
     steps = np.arange(w.start, w.n)
     states = {l: before[l] for l in w.memory}
     weights = {l: memory_weights(variables[l].beta, steps, w.n, w.tail_tol) for l in w.memory}
-    out = fused_kernel.window(
+    out, after = fused_kernel.window(
         optimizer, probe.native_grads, probe.native_theta, w.targets, states, w.scales, weights
     )
     W: list[Tensor | None] = [out.get(l) for l in range(len(variables))]
-    return W, probe.native_momenta(optimizer, w.sequence)
+    return W, last_momenta(probe, optimizer, w, after)
+
+
+def last_momenta(
+    probe: Probe, optimizer: Optimizer, w: Window, after: dict[int, Tensor]
+) -> list[Tensor]:
+    """``m_l^(n+1) = b_l^(n+1) (beta_l S_l + G_l^{sigma(n)})`` from the unscaled sums S_l
+    after step n-1 (``after``, for the variables with memory)."""
+    theta = probe.native_theta
+    g_n = probe.native_grads[int(w.sequence[w.n])]
+    b_n = w.scales[:, -1]
+    out = []
+    for l, v in enumerate(optimizer.variables):
+        x = theta if v.source is Source.PARAM else v.source.value(g_n, theta)
+        S = x if v.beta == 0.0 else v.beta * after[l].to(theta.device) + x
+        out.append(float(b_n[l]) * S)
+    return out
 
 
 def fused(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:

@@ -27,8 +27,18 @@ from noisemem.problem import Problem
 LONG = SEQUENCES["two_epochs"] + SEQUENCES["repeats"]  # 15 steps, repeats, 4 batches
 
 
+_LITERAL: dict[tuple[str, str, tuple[int, ...]], torch.Tensor] = {}
+
+
 def literal(tiny, optimizer, seq):
-    return literal_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, tiny.theta)
+    """The literal Eq. (9), computed once per (problem, optimizer, sequence): every tiny
+    problem here is ``make_tiny``'s, the same for the same name."""
+    key = (tiny.name, repr(optimizer), tuple(int(i) for i in seq))
+    if key not in _LITERAL:
+        _LITERAL[key] = literal_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, optimizer, seq, tiny.theta
+        )
+    return _LITERAL[key]
 
 
 CASES = [
