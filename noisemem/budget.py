@@ -45,9 +45,10 @@ if TYPE_CHECKING:
     from noisemem.problem import Problem
 
 #: a pass of backward products holds about this many times the saved graph at its peak
-#: (the graph, plus the backward's own temporaries: measured at 1.3-1.8x on the MLP and CNN
-#: of ``benchmarks/bench_scale.py``)
-PEAK_FACTOR = 2.0
+#: (the graph, the backward's own temporaries, the forward of the next group: the peak
+#: resident set above the data was 2.1-3.3 times the graphs' saved bytes on the CNN of
+#: ``benchmarks/bench_scale.py``)
+PEAK_FACTOR = 3.5
 #: flat d-vectors a correction holds besides its (m, d) arrays (states, sums, Phi's JVP)
 FLAT_VECTORS = 16
 MODES = ("graph", "grouped")
@@ -114,15 +115,18 @@ def available_memory(device: torch.device) -> int:
         return 1 << 62
 
 
-def vector_arrays(optimizer: Optimizer | None) -> int:
+def vector_arrays(optimizer: Optimizer | None, hvp: str = "double_backward") -> int:
     """How many (m, d) arrays Eq. (9) holds for ``optimizer`` besides the graphs: the batch
     gradients, one ``w_{l,i}`` per momentum variable with memory and a gradient source, and
-    the per-batch ``H_i w_i`` of a squared-gradient source (Adam's second moment). None (the
-    expectations and full-batch predictions): none."""
+    the per-batch ``H_i w_i`` of a squared-gradient source (Adam's second moment); with
+    ``hvp="vmap"`` the vectors and products of every (variable, batch) pair instead. None
+    (the expectations and full-batch predictions): none."""
     if optimizer is None:
         return 0
     memory = [v for v in optimizer.variables if v.beta > 0.0]
     grads = sum(1 for v in memory if v.source.uses_grad)
+    if hvp == "vmap":
+        return 1 + 3 * grads
     squares = sum(1 for v in memory if v.source is Source.GRAD_SQ)
     return 1 + grads + squares
 
@@ -176,6 +180,7 @@ def plan_memory(
     *,
     memory_budget: int | float | str | None = None,
     graph_batches: int | None = None,
+    hvp: str = "double_backward",
 ) -> MemoryPlan:
     """The :class:`MemoryPlan` for Eq. (9) with ``optimizer`` on ``problem`` (None: for the
     exact expectations and full-batch predictions, which hold no (m, d) arrays): what a
@@ -185,12 +190,13 @@ def plan_memory(
     graph is kept when ``PEAK_FACTOR`` times it plus the vectors fit in ``memory_budget``,
     else the largest group of batches that fits. Measures one batch's graph once per
     problem (:attr:`~noisemem.problem.Problem.graph_bytes_per_batch`) unless
-    ``graph_batches`` is given. Raises a ``ValueError`` naming the sizes when not even one
-    batch's graph fits next to the vectors.
+    ``graph_batches`` is given. ``hvp`` as in :func:`~noisemem.correction.memory_correction`
+    (the vmapped products hold more (m, d) arrays). Raises a ``ValueError`` naming the sizes
+    when not even one batch's graph fits next to the vectors.
     """
     return plan_for(
         problem,
-        vector_arrays(optimizer),
+        vector_arrays(optimizer, hvp),
         parse_budget(memory_budget),
         graph_batches,
         optimizer.name if optimizer is not None else None,

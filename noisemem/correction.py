@@ -98,6 +98,7 @@ def correction_at(
     probe.require(
         None if name == "online" else optimizer,
         per_batch=windows.needs_per_batch(optimizer, hvp),
+        hvp=hvp,
     )
     return probe.layout.to_standard(windows.STRATEGIES[name](probe, optimizer, w))
 

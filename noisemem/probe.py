@@ -154,12 +154,19 @@ class Probe:
             )
         return self._plan
 
-    def require(self, optimizer: Optimizer | None, *, per_batch: bool | None = None) -> None:
-        """Declare a use before it starts: Eq. (9) for ``optimizer`` (its (m, d) arrays are
-        reserved in the plan; a ``ValueError`` if they cannot fit) or, with None, the
-        expectations. ``per_batch``: whether it needs the ``H_i w_i`` apart (the graph kind
-        built first). A plan that no longer fits the kept graph drops it."""
-        arrays = vector_arrays(optimizer)
+    def require(
+        self,
+        optimizer: Optimizer | None,
+        *,
+        per_batch: bool | None = None,
+        hvp: str = "double_backward",
+    ) -> None:
+        """Declare a use before it starts: Eq. (9) for ``optimizer`` with products by
+        ``hvp`` (its (m, d) arrays are reserved in the plan; a ``ValueError`` if they cannot
+        fit) or, with None, the expectations. ``per_batch``: whether it needs the
+        ``H_i w_i`` apart (the graph kind built first). A plan that no longer fits the kept
+        graph drops it."""
+        arrays = vector_arrays(optimizer, hvp)
         if arrays > self._arrays:
             self._arrays = arrays
             old, self._plan = self._plan, None

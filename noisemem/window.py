@@ -540,11 +540,14 @@ def linear(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
         W, _ = scan_vectors(probe, optimizer, w)
     b_n = w.scales[:, -1]
     combined: Tensor | None = None
-    for l in w.memory:
+    for l in w.memory:  # the w_{l,i} are this function's own: combined in place
         x = W[l]
         assert x is not None
         b = float(b_n[l])
-        combined = b * x if combined is None else combined.add_(x, alpha=b)
+        if combined is None:
+            combined = x if b == 1.0 else x.mul_(b)
+        else:
+            combined.add_(x, alpha=b)
     assert combined is not None
     if w.hvp == "vmap":
         index = torch.arange(combined.shape[0], device=combined.device)
