@@ -45,6 +45,11 @@ from noisemem.problem import Problem
 
 #: rows of (m, d) arrays combined at once where a product over batches is reduced blockwise
 ROW_BLOCK = 64
+#: uses that need only sums of products build the "shared" graph for batches smaller than
+#: this, the "copies" graph otherwise (digits MLP, the exact E[M] and heavy ball's M in ms,
+#: shared/copies: batches of 4 48/69 and 41/54, of 8 44/53 and 28/31, of 16 30/33 and 24/25,
+#: of 32 29/30 and 19/17)
+SHARED_BELOW_BATCH = 32
 
 #: a cotangent of a pass of products: its per-parameter blocks for the batches lo..hi-1
 Cotangent = Callable[[int, int], Sequence[Tensor]]
@@ -175,9 +180,13 @@ class Probe:
         else:
             self.plan  # noqa: B018 - fixes the plan (and checks it) before any work
         if per_batch is not None and self._kept is None:
-            self._kind = "copies" if per_batch else "shared"
+            self._kind = "copies" if per_batch else self._summed_kind()
 
     # -- graphs -----------------------------------------------------------------------------
+    def _summed_kind(self) -> str:
+        """The graph kind for uses that need only ``sum_i H_i w_i``."""
+        return "shared" if self.problem.batch_size < SHARED_BELOW_BATCH else "copies"
+
     def _leaves(self, requires_grad: bool) -> list[Tensor]:
         chunks = torch.split(self.native_theta, self.problem.numels)
         return [c.clone().requires_grad_(requires_grad) for c in chunks]
@@ -248,7 +257,7 @@ class Probe:
         if any(r.per_batch for r in requests):
             kind = "copies"
         else:  # a kept graph serves whatever its kind; a group's is built for this pass
-            kind = self._kind if kept else "shared"
+            kind = self._kind if kept else self._summed_kind()
         outs = [
             self.native_theta.new_zeros((m, d) if _is(r.reduce, "rows") else (d,)) for r in requests
         ]
@@ -373,7 +382,7 @@ class Probe:
         if self._moments is None:
             m, numels = self.problem.num_batches, self.problem.numels
             if self._kept is None and self._grads is None:
-                self._kind = "shared"  # only sums of products are needed here
+                self._kind = self._summed_kind()  # only sums of products are needed here
             if self._grads is None and self.plan.mode == "grouped":
                 g_sum = torch.zeros_like(self.native_theta)
                 own = torch.zeros_like(self.native_theta)
