@@ -699,9 +699,6 @@ def online(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     def tensor(a: np.ndarray) -> Tensor:
         return torch.as_tensor(a, dtype=dtype, device=device)
 
-    def split(v: Tensor) -> list[Tensor]:
-        return list(torch.split(v, numels, dim=-1))
-
     # states before the window, by groups of batches without a graph
     q = probe.plan.graph_batches
     states = [torch.zeros_like(theta) for _ in variables]
@@ -788,12 +785,15 @@ def online(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
             continue
         c = {l: tensor(on_P[l][lo:hi]) for l in active}
         index = torch.arange(lo, hi, device=device)
+        rows = None  # the group's g_i, for J[g^2] = 2 diag(g) H
         if w.hvp == "double_backward":
             graph = probe.build_graph(kind, lo, hi)
-            rows = torch.cat([b.detach() for b in graph.grads], 1) if not single else None
+            if not single:
+                rows = torch.cat([b.detach() for b in graph.grads], 1)
         else:
             graph = None
-            rows = torch.cat(problem.shared_batch_grads(leaves, slice(lo, hi)), 1)
+            if not single:
+                rows = torch.cat(problem.shared_batch_grads(leaves, slice(lo, hi)), 1)
         if single:
             (l,) = active
             hv = _products(probe, graph, index, c[l][:, None] * P, summed=True)

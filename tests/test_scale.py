@@ -161,15 +161,24 @@ def test_when_the_vectors_do_not_fit_the_error_names_the_sizes_before_any_work()
     d = tiny.theta.numel()
     opt = OPTIMIZERS["adamw_eps_in_sqrt"]
     per = Problem(tiny.model, tiny.loss_fn, tiny.batches).graph_bytes_per_batch
-    # one batch's graph and the flat vectors fit (online needs no more), with half of what
-    # the four (m, d) arrays need
-    budget = FLAT_VECTORS * d * 8 + int(PEAK_FACTOR * per) + 4 * 4 * d * 8 // 2
+    flat = FLAT_VECTORS * d * 8
+    # the four (m, d) arrays alone exceed it: said before one batch's graph is measured
     with pytest.raises(ValueError) as err:
-        memory_correction(model, tiny.loss_fn, tiny.batches, opt, LONG, memory_budget=budget)
+        memory_correction(model, tiny.loss_fn, tiny.batches, opt, LONG, memory_budget=flat)
     text = str(err.value)
     assert "memory_budget=" in text and "(m, d) arrays" in text and f"d={d}" in text
     assert "window='online'" in text
     assert model.calls <= 1  # at most the layout's pass: nothing of Eq. (9) ran
+    # one batch's graph and the flat vectors fit (online needs no more), with half of what
+    # the four (m, d) arrays need: said after the graph's measurement (two batches)
+    budget = flat + int(PEAK_FACTOR * per) + 4 * 4 * d * 8 // 2
+    model.calls = 0
+    with pytest.raises(ValueError) as err:
+        memory_correction(model, tiny.loss_fn, tiny.batches, opt, LONG, memory_budget=budget)
+    text = str(err.value)
+    assert "memory_budget=" in text and "(m, d) arrays" in text and f"d={d}" in text
+    assert "window='online'" in text and "gradient graph" in text
+    assert model.calls <= 2  # the layout's pass and the measurement: no Eq. (9)
     online = memory_correction(
         model, tiny.loss_fn, tiny.batches, opt, LONG, memory_budget=budget, window="online"
     )
