@@ -54,8 +54,8 @@ def once(fn: Callable[[], object], device: str) -> float:
 def paired_ratio(
     fn: Callable[[], object], unit: Callable[[], object], repeats: int, device: str
 ) -> tuple[float, float, float, float]:
-    """Median of t(fn)/t(unit) over back-to-back pairs, its quartiles, and the median
-    t(fn) in seconds."""
+    """Median of t(fn)/t(unit) over back-to-back pairs, its quartiles (the range with fewer
+    than 4 pairs), and the median t(fn) in seconds."""
     fn()  # warm-up
     unit()
     ratios, times = [], []
@@ -64,7 +64,11 @@ def paired_ratio(
         t = once(fn, device)
         ratios.append(t / u)
         times.append(t)
-    q1, q3 = statistics.quantiles(ratios, n=4)[::2] if len(ratios) >= 4 else (ratios[0], ratios[-1])
+    ordered = sorted(ratios)
+    if len(ordered) >= 4:
+        q1, q3 = statistics.quantiles(ordered, n=4)[::2]
+    else:  # too few pairs for quartiles: their range
+        q1, q3 = ordered[0], ordered[-1]
     return statistics.median(ratios), q1, q3, statistics.median(times)
 
 
