@@ -109,7 +109,7 @@ def window_of(
 
 # -- the blocked scan ------------------------------------------------------------------------
 def decayed_rows(X: Tensor, beta: float, state: Tensor, scale: np.ndarray) -> tuple[Tensor, Tensor]:
-    """The momentum rows of a block and the state after it.
+    """The momentum rows of a block and the state after it (the sums of THEORY §2).
 
     With ``S[-1] = state`` and ``S[r] = beta S[r-1] + X[r]`` (r = 0..T-1), returns
     ``scale[r] S[r]`` (T, d) and ``S[T-1]`` (d,). Within the block

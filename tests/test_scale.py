@@ -291,3 +291,29 @@ def test_many_batches_take_no_m_by_m_coefficients():
         b = memory_correction(model, loss, batches, opt, seq, tail_tol=0, window="dense")
         c = memory_correction(model, loss, batches, opt, seq, tail_tol=0, window="scan")
         assert rel_err(a, b) < 1e-10 and rel_err(c, b) < 1e-10
+
+
+@pytest.mark.parametrize("value, expected", [(None, True), ("0", False), ("off", False)])
+def test_the_engine_makes_its_allocator_choice_itself_unless_told_not_to(value, expected):
+    """A fresh process: building a Problem applies keep_freed_memory (glibc here) unless
+    NOISEMEM_KEEP_FREED_MEMORY says 0; nothing else in the process asked for it."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("NOISEMEM_KEEP_FREED_MEMORY", None)
+    if value is not None:
+        env["NOISEMEM_KEEP_FREED_MEMORY"] = value
+    code = (
+        "import torch\n"
+        "from noisemem import system\n"
+        "from noisemem.problem import Problem\n"
+        "assert system._engine_choice is None\n"
+        "Problem(torch.nn.Linear(2, 2), torch.nn.functional.cross_entropy,"
+        " [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))])\n"
+        "print(system._engine_choice)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(expected)
