@@ -21,13 +21,19 @@ from noisemem.correction import memory_correction
 from noisemem.expectation import Expectation, expected_correction
 from noisemem.full_batch import full_batch_correction
 from noisemem.noise import noise_regularizer
+from noisemem.noise_aware import (
+    NoiseAwarePrediction,
+    anti_regularization_direction,
+    noise_aware_correction,
+    signed_projection,
+)
 from noisemem.stats import Moments
 from noisemem.trajectory import Trajectories, memoryful_run, memoryless_run, trajectories
 
 if TYPE_CHECKING:
     from noisemem.studies.driver import StudyHandle
     from noisemem.studies.spec import StudySpec
-    from noisemem.studies.store import StudyTables
+    from noisemem.studies.tables import StudyTables
 
 __version__ = "0.1.0"
 
@@ -40,8 +46,8 @@ def launch(spec: StudySpec | str, *, actors: int | None = None, log: Any = None)
 
 
 def load(path: str) -> StudyTables:
-    """Read a study store into pandas (see :func:`noisemem.studies.store.load`)."""
-    from noisemem.studies.store import load as _load
+    """Read a study store into pandas (see :func:`noisemem.studies.tables.load`)."""
+    from noisemem.studies.tables import load as _load
 
     return _load(path)
 
@@ -57,8 +63,10 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Expectation",
     "Moments",
+    "NoiseAwarePrediction",
     "StudySpec",
     "Trajectories",
+    "anti_regularization_direction",
     "expected_correction",
     "full_batch_correction",
     "launch",
@@ -66,7 +74,9 @@ __all__ = [
     "memory_correction",
     "memoryful_run",
     "memoryless_run",
+    "noise_aware_correction",
     "noise_regularizer",
     "optim",
+    "signed_projection",
     "trajectories",
 ]

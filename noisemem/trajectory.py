@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -23,7 +24,7 @@ from noisemem.correction import check_correction_args, correction_at
 from noisemem.memory import TAIL_TOL
 from noisemem.optim import Optimizer, require_optimizer, require_smooth
 from noisemem.probe import Probe
-from noisemem.problem import Batch, LossFn, as_problem
+from noisemem.problem import Batch, LossFn, Problem, as_problem
 
 
 def memoryful_steps(
@@ -76,11 +77,42 @@ def memoryful_run(
     problem = as_problem(model, loss_fn, batches)
     seq = checks.sequence_array(sequence, problem.num_batches)
 
-    def gradient(n: int, theta: Tensor) -> Tensor:
-        return problem.batch_grads(theta, torch.tensor([seq[n]], device=theta.device))[0]
+    def gradient(n: int, theta: Tensor) -> Tensor:  # one backward pass, plain autograd
+        i = int(seq[n])
+        with torch.enable_grad():
+            leaf = theta.detach().requires_grad_(True)
+            loss = problem.loss(leaf, problem.X[i], problem.Y[i])
+            (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+        return torch.zeros_like(theta) if g is None else g
 
     steps = memoryful_steps(optimizer, problem.theta, gradient, len(seq))
     return _run(problem.theta, ((n, theta) for n, _, theta in steps), len(seq))
+
+
+def first_order_steps(
+    problem: Problem, optimizer: Optimizer, seq: np.ndarray
+) -> Iterator[tuple[int, Tensor]]:
+    """The first-order memoryless iteration theta^^(n+1) = theta^^(n) - h F^(n)(theta^^(n)),
+    with F^(n)(theta) = Phi(m^(n+1)) and every history slot at theta:
+    ``m_l^(n+1) = b_l^(n+1) sum_i c_{l,i}^(n) G_l^i(theta)``, the weights carried from step
+    to step (``c_l^(n) = beta_l c_l^(n-1) + e_{sigma(n)}``, a scalar for the PARAM source),
+    and the batch gradients taken without a graph: a step costs the same at step 300 as at
+    step 1."""
+    theta = problem.theta
+    variables = optimizer.variables
+    weights = [np.zeros(problem.num_batches if v.source.uses_grad else 1) for v in variables]
+    for n in range(len(seq)):
+        G = problem.batch_grads(theta)  # (m, d)
+        b = optimizer.scales(np.array([float(n)]))[:, 0]
+        momenta = []
+        for l, v in enumerate(variables):
+            weights[l] *= v.beta
+            weights[l][int(seq[n]) if v.source.uses_grad else 0] += 1.0
+            source = v.source.value(G, theta) if v.source.uses_grad else theta[None]
+            c = torch.as_tensor(weights[l], dtype=G.dtype, device=G.device)
+            momenta.append(float(b[l]) * (c @ source))
+        theta = theta - optimizer.lr * optimizer.phi(*momenta)
+        yield n, theta
 
 
 def memoryless_run(
@@ -102,14 +134,15 @@ def memoryless_run(
         require_optimizer(optimizer)
     problem = as_problem(model, loss_fn, batches)
     seq = checks.sequence_array(sequence, problem.num_batches)
+    if order == 1:
+        return _run(problem.theta, first_order_steps(problem, optimizer, seq), len(seq))
 
     def iterates() -> Iterator[tuple[int, Tensor]]:
         theta = problem.theta
         for n in range(len(seq)):
-            probe = Probe(problem, theta)
+            probe = Probe(problem, theta)  # one graph of the batch gradients serves F and M
             step = probe.direction(optimizer, seq[: n + 1])
-            if order == 2:
-                step = step + correction_at(probe, optimizer, seq[: n + 1], tail_tol=tail_tol)
+            step = step + correction_at(probe, optimizer, seq[: n + 1], tail_tol=tail_tol)
             theta = theta - optimizer.lr * step
             yield n, theta
 

@@ -9,7 +9,12 @@ import pytest
 import torch
 from conftest import rel_err
 
-from noisemem import expected_correction, full_batch_correction, memory_correction
+from noisemem import (
+    expected_correction,
+    full_batch_correction,
+    memory_correction,
+    noise_regularizer,
+)
 from noisemem.stats import Moments
 from noisemem.studies.chunk import Context, predictions, run_chunk, train_ensemble
 from noisemem.studies.data import prepare
@@ -176,5 +181,76 @@ def test_predictions_match_the_engine(data):
     )
     coef = json.loads(rows[("init", n, "exact_mean")]["coefficients"])
     assert coef["same"] == pytest.approx(exact.coefficients["same"])
+    R, _ = noise_regularizer(ctx.model, ctx.problem.loss_fn, ctx.problem)
+    noise = json.loads(rows[("init", -1, "noise_direction")]["coefficients"])
+    assert noise["R"] == pytest.approx(R, rel=1e-12)
     adam_rows = predictions(ctx, spec.configs[1])
     assert not [r for r in adam_rows if r["kind"].startswith("exact")]  # no closed form
+
+
+def test_runs_with_non_finite_corrections_are_diverged_counted_and_excluded(data):
+    """Heavy ball at lr = 1e6 in float32: the parameters stay finite while the loss grows
+    past 1e27, and some runs' corrections at their own parameters are NaN. Such a run is
+    marked diverged at the first step with a non-finite correction, and every moments row
+    says how many runs it left out."""
+    raw = dict(small_spec().raw)
+    raw["model"] = {"kind": "gelu_mlp", "hidden": 8}
+    raw["optimizers"] = [{"kind": "HeavyBall", "lr": 1e6, "beta": 0.9}]
+    raw["training"] = {"batch_size": 32, "epochs": 2, "permutations": 8, "chunk_size": 8}
+    raw["probes"] = {"init": True, "epoch_end": True}
+    raw["runtime"] = {"dtype": "float32"}
+    spec = StudySpec.from_dict(raw)
+    ctx = context(spec, data)
+    rows = run_chunk(ctx, spec.configs[0], chunk=0)
+    runs = {r["permutation"]: r for r in rows["runs"]}
+    bad = [r for r in rows["corrections"] if not np.isfinite(r["norm"])]
+    assert bad, "the setting no longer produces non-finite corrections"
+    for r in bad:
+        run = runs[r["permutation"]]
+        assert run["status"] == "diverged" and run["diverged_at"] <= r["step"]
+    for p, run in runs.items():  # diverged at the first such step, or during training
+        steps = [r["step"] for r in bad if r["permutation"] == p]
+        if steps:
+            assert run["diverged_at"] == min(steps)
+    assert any(r["status"] == "ok" for r in runs.values())
+    for m in rows["moments"]:
+        assert m["count"] + m["excluded"] == 8
+        here = [
+            r for r in rows["corrections"] if (r["probe"], r["step"]) == (m["probe"], m["step"])
+        ]
+        assert m["count"] == sum(np.isfinite(r["norm"]) for r in here)
+
+
+def test_noise_aware_and_anti_regularization_rows_match_the_engine(data):
+    """The study writes the noise-aware prediction at every fixed probe and step, Sec. 4's
+    direction d where the optimizer has an eps, and each run's M along d."""
+    from noisemem.noise_aware import anti_regularization_direction, noise_aware_correction
+
+    spec = small_spec(permutations=2, chunk_size=2)
+    ctx = context(spec, data)
+    heavy, adam = spec.configs
+    rows = {(r["probe"], r["step"], r["kind"]): r for r in predictions(ctx, adam)}
+    model, loss = ctx.model, ctx.problem.loss_fn
+    for n in ctx.probe_steps():
+        na = noise_aware_correction(model, loss, ctx.problem, adam.optimizer, step=n)
+        for kind, want in (
+            ("noise_aware_mean", na.mean),
+            ("noise_aware_full_batch_part", na.full_batch_part),
+            ("noise_aware_noise_part", na.noise_part),
+        ):
+            got = torch.tensor(rows[("init", n, kind)]["vector"], dtype=torch.float64)
+            assert rel_err(got, want) < 1e-12, (n, kind)
+    d = anti_regularization_direction(model, loss, ctx.problem, eps=adam.optimizer.eps)
+    got = torch.tensor(rows[("init", -1, "anti_regularization")]["vector"], dtype=torch.float64)
+    assert rel_err(got, d) < 1e-12
+    assert not [r for r in predictions(ctx, heavy) if r["kind"] == "anti_regularization"]
+    raw = dict(spec.raw)
+    raw["record"] = {"vectors": True}
+    spec_v = StudySpec.from_dict(raw)
+    chunk = run_chunk(context(spec_v, data), spec_v.configs[1], 0)
+    for r in chunk["corrections"]:
+        if r["probe"] == "init":
+            M = torch.tensor(r["vector"], dtype=torch.float64)
+            assert r["proj_anti"] == pytest.approx(float(M @ d / d.norm()), rel=1e-10)
+    heavy_rows = run_chunk(context(spec_v, data), spec_v.configs[0], 0)["corrections"]
+    assert all(np.isnan(r["proj_anti"]) for r in heavy_rows)  # heavy ball has no eps

@@ -98,3 +98,55 @@ def test_split_drops_the_partial_batch_and_names_bad_sizes():
         split_batches(x, y, 2000)
     with pytest.raises(ValueError, match="batch_size=True"):
         split_batches(x, y, True)
+
+
+def test_synthetic_cifar_is_cifar_shaped_reproducible_and_learnable():
+    x, y, info = prepare("synthetic:cifar10", limit=512, normalize="none")
+    again, y2, _ = prepare("synthetic:cifar10", limit=512, normalize="none")
+    assert x.shape == (512, 3 * 32 * 32) and info.image_shape == (3, 32, 32)
+    assert info.num_classes == 10 and torch.equal(x, again) and torch.equal(y, y2)
+    other, _, _ = prepare("synthetic:cifar10", limit=512, normalize="none", seed=1)
+    assert not torch.equal(x, other)
+    counts = np.bincount(y.numpy(), minlength=10)
+    assert counts.min() > 512 / 10 / 2  # every class is there, about equally
+    # a class is its pattern plus noise: nearest class mean classifies far above chance
+    means = torch.stack([x[y == c].mean(0) for c in range(10)])
+    guess = torch.cdist(x, means).argmin(1)
+    assert float((guess == y).float().mean()) > 0.9
+
+
+def test_images_given_height_width_channels_are_made_channels_first(tmp_path):
+    """PIL-like images (H, W, C), as the Hub's CIFAR-10 gives them, reach the models as
+    (C, H, W): the flat inputs are the channel-first image."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(6, 8, 5, 3)).astype(np.float32)  # H=8, W=5, C=3
+    path = tmp_path / "img"
+    datasets.Dataset.from_dict({"img": list(images), "label": [0, 1, 2, 0, 1, 2]}).save_to_disk(
+        str(path)
+    )
+    x, _, info = prepare(str(path), normalize="none")
+    assert info.image_shape == (3, 8, 5)
+    assert np.allclose(x.numpy(), images.transpose(0, 3, 1, 2).reshape(6, -1))
+
+
+def test_resnet18_is_the_cifar_resnet18():
+    from noisemem.studies.models import ResNet18
+
+    model = ResNet18()
+    # conv3x3 stem, stages of 2 basic blocks at 64..512, 1x1 shortcuts where the shape
+    # changes, 2 parameters per channel of each norm layer, a 512 x 10 head
+    w = [64, 128, 256, 512]
+    convs = 3 * 64 * 9 + sum(
+        (cin * cout * 9 + cout * cout * 9)
+        + (cout * cout * 9) * 2
+        + (cin * cout if cin != cout else 0)
+        for cin, cout in zip([64, *w[:-1]], w, strict=True)
+    )
+    norms = 2 * (64 + sum(4 * c + (c if c != 64 else 0) for c in w))
+    assert sum(p.numel() for p in model.parameters()) == convs + norms + 512 * 10 + 10
+    assert convs + norms + 5130 == 11_173_962  # the CIFAR ResNet-18 count
+    out = model(torch.randn(2, 3 * 32 * 32))
+    assert out.shape == (2, 10)
+    # each sample's output depends on that sample alone (GroupNorm, no batch statistics)
+    x = torch.randn(3, 3 * 32 * 32)
+    assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-6)

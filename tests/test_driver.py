@@ -19,10 +19,10 @@ from noisemem.studies.store import (
     IncompleteStoreError,
     Store,
     legacy_digest,
-    load,
     location,
     study_toml,
 )
+from noisemem.studies.tables import load
 
 TIMING = ["seconds", "worker"]
 
@@ -86,12 +86,21 @@ def test_interrupted_study_resumes_with_exactly_the_same_rows(ray_local, tmp_pat
 
 def test_schema_is_the_documented_one(ray_local, tmp_path):
     path = launch(spec_at(tmp_path / "schema"), actors=2, log=io.StringIO()).wait(timeout=600)
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     store = Store(path)
     for table, schema in SCHEMAS.items():
         parts = store.parts(table)
         assert parts, table
+        if table == "configs":  # the documented columns, then one per hyperparameter
+            (part,) = parts
+            got = pq.read_schema(part, filesystem=store.fs).remove_metadata()
+            fixed = len(schema)
+            assert pa.schema(list(got)[:fixed]).equals(schema)
+            names = {k for c in spec_at(tmp_path / "x").configs for k in c.hyperparameters}
+            assert set(got.names[fixed:]) == names - {"kind"}
+            continue
         for part in parts:
             assert pq.read_schema(part, filesystem=store.fs).remove_metadata().equals(schema), part
 
@@ -173,6 +182,7 @@ class FakeActor:
 
         self.run_chunk = Method(lambda ci, chunk: self._call(ci, chunk))
         self.predictions = Method(lambda ci: self._call(ci, None))
+        self.ready = Method(lambda: FakeRef("ready"))
 
     def _call(self, ci, chunk):
         outcome = self.script.pop(0)
@@ -182,11 +192,11 @@ class FakeActor:
         config = spec.configs[ci]
         if chunk is None:
             if self.write:
-                store.write_part("predictions", config.id, None, [])
+                store.write_predictions(config.id, [])
             return FakeRef(config.id)
         if self.write:
             written = [rows.run_row(spec, config, chunk, p) for p in Chunks.of(spec).indices(chunk)]
-            store.write_part("runs", config.id, chunk, written)
+            store.write_chunk(config.id, chunk, {"runs": written})
         return FakeRef({"status": "ok"})
 
 
@@ -201,7 +211,9 @@ def fake_handle(monkeypatch, tmp_path, script, actors=1, write=True, chunks=(0, 
             raise ref.outcome
         return ref.outcome
 
-    monkeypatch.setattr(driver.ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
+    monkeypatch.setattr(
+        driver.ray, "wait", lambda refs, num_returns, timeout=None: (refs[:1], refs[1:])
+    )
     monkeypatch.setattr(driver.ray, "get", fake_get)
     monkeypatch.setattr(driver.ray, "kill", lambda actor: None)
     training = {**RAW["training"], "permutations": 4}
@@ -333,7 +345,7 @@ import io, json, sys, time
 import ray
 from noisemem.studies.driver import launch
 from noisemem.studies.spec import StudySpec
-from noisemem.studies.store import load
+from noisemem.studies.tables import load
 
 raw = json.loads(sys.argv[1])
 # Ray reports a GPU (a laptop with an NVIDIA GPU, say); torch here is a build without CUDA

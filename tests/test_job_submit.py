@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from noisemem.studies.schema import SCHEMAS
-from noisemem.studies.store import load
+from noisemem.studies.tables import load
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -287,10 +287,17 @@ def test_ray_job_submit_writes_a_complete_store(ray_head):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout and "permutations 48/48" in done.stdout
     assert f"store: {output}" in done.stdout
+    # the report went into the store, not into the job's temporary working directory
+    assert f"report: {output}/report.html" in done.stdout
+    page = (output / "report.html").read_text()
+    assert "<html" in page and "e2e" in page and (output / "summary.parquet").stat().st_size > 0
 
     t = load(str(output))
     assert t.manifest["complete"] is True
     for name, schema in SCHEMAS.items():
+        if name == "configs":  # the documented columns, then one per hyperparameter
+            assert list(t[name].columns)[: len(schema)] == schema.names
+            continue
         assert list(t[name].columns) == schema.names
     configs = [c["id"] for c in t.manifest["configs"]]
     # every expected row, once

@@ -232,3 +232,73 @@ def test_a_store_with_a_legacy_digest_holds_the_same_study_when_its_spec_resolve
 def test_relative_output_is_made_absolute():
     spec = StudySpec.from_dict(with_("output", "out/rel"))
     assert Path(spec.output).is_absolute() and spec.output.endswith("out/rel")
+
+
+def test_training_fields_and_seeds_sweep_as_a_product_keyed_by_every_value_they_vary():
+    raw = with_("training.batch_size", [16, 32])
+    raw["seed"] = [0, 7]
+    spec = StudySpec.from_dict(raw)
+    assert spec.swept == ("batch_size", "seed")
+    assert len(spec.configs) == 4 * 2 * 2  # optimizer grid x batch sizes x seeds
+    first = spec.configs[:4]
+    assert [(c.batch_size, c.seed) for c in first] == [(16, 0), (16, 7), (32, 0), (32, 7)]
+    assert {c.optimizer for c in first} == {HeavyBall(0.1, 0.5)}
+    assert first[1].id == "c001-HeavyBall-lr0.1-beta0.5-batch_size16-seed7"
+    assert len({c.id for c in spec.configs}) == len(spec.configs)
+    assert len(spec.settings) == 4 and all(c.epochs == 2 for c in spec.configs)
+    # a list of one value is that value: the same configs, ids and digest
+    single = StudySpec.from_dict(with_("training.batch_size", [32]))
+    plain = StudySpec.from_dict(BASE)
+    assert single.digest == plain.digest and single.configs == plain.configs
+    assert single.swept == () and "batch_size" not in single.configs[0].id
+
+
+@pytest.mark.parametrize(
+    "path, value, needle",
+    [
+        ("training.batch_size", [], "training.batch_size=[] is not allowed"),
+        ("training.batch_size", [16, 16], "must be distinct"),
+        ("training.epochs", [1, 0], "training.epochs[1]=0"),
+        ("training.sampling", ["permute", "shuffle"], "training.sampling[1]='shuffle'"),
+        ("seed", [0, -1], "seed[1]=-1"),
+    ],
+)
+def test_bad_sweeps_are_named(path, value, needle):
+    with pytest.raises(SpecError) as err:
+        StudySpec.from_dict(with_(path, value))
+    assert needle in str(err.value)
+
+
+def test_a_sweep_is_checked_against_the_data_and_the_memoryless_runs():
+    spec = StudySpec.from_dict(with_("training.batch_size", [32, 4000]))
+    with pytest.raises(SpecError, match=r"training.batch_size=4000 .* \(1797\)"):
+        spec.check_data_size(1797)
+    raw = with_("training.sampling", ["permute", "reshuffle"])
+    raw["record"] = {"memoryless": True}
+    with pytest.raises(SpecError, match=r"training.sampling='reshuffle'"):
+        StudySpec.from_dict(raw)
+
+
+def test_the_default_chunk_size_follows_the_work_of_a_run():
+    from noisemem.studies.plan import AUTO_CHUNK_WORK, MAX_AUTO_CHUNK, MIN_CHUNKS, run_work
+
+    def auto(**training) -> StudySpec:
+        raw = copy.deepcopy(BASE)
+        raw["training"] = {**raw["training"], **training}
+        raw["training"].pop("chunk_size")
+        return StudySpec.from_dict(raw)
+
+    # BASE probes the initialisation only; its AdamW configs are the heavier runs
+    light = auto(permutations=4096, epochs=1)  # 11 gradients a run: 91 by work, capped
+    assert run_work(1, False, 1, False) == 1 + 10
+    assert round(AUTO_CHUNK_WORK / 11) > MAX_AUTO_CHUNK == light.training.chunk_size
+    heavy = auto(permutations=4096, epochs=20)  # 20 + 20 x 10 = 220 gradients: chunks of 5
+    assert heavy.training.chunk_size == round(AUTO_CHUNK_WORK / 220) == 5
+    few = auto(permutations=24, epochs=1)  # at least MIN_CHUNKS chunks per config
+    assert few.training.chunk_size == 24 // MIN_CHUNKS == 3
+    # the resolved size is the spec's: an explicit equal size is the same study
+    raw = copy.deepcopy(BASE)
+    raw["training"] = {**BASE["training"], "permutations": 24, "epochs": 1, "chunk_size": 3}
+    explicit = StudySpec.from_dict(raw)
+    assert explicit.digest == few.digest and not explicit.auto_chunks and few.auto_chunks
+    assert few.as_dict()["training"]["chunk_size"] == 3

@@ -10,7 +10,8 @@ from pyarrow import fs as pafs
 
 from noisemem.analysis.compare import merged_moments
 from noisemem.studies.schema import MOMENTS_V1, SCHEMA_VERSION, SCHEMAS
-from noisemem.studies.store import Store, load
+from noisemem.studies.store import Store
+from noisemem.studies.tables import load
 
 
 def runs_rows(config: str, chunk: int, perms: list[int], status: str = "ok") -> list[dict]:
@@ -57,10 +58,11 @@ def all_files(store: Store) -> list[str]:
 
 @pytest.fixture
 def store(tmp_path) -> Store:
+    """A store of schema version 2, written part by part (no chunk records): the rule of
+    the stores written before version 3, which this noisemem still reads and resumes."""
     s = Store(str(tmp_path / "study"))
-    s.write_manifest(
-        {"schema_version": SCHEMA_VERSION, "study": "s", "configs": [], "permutations": 4}
-    )
+    manifest = {"schema_version": 2, "study": "s", "permutations": 4, "chunks": 4}
+    s.write_manifest({**manifest, "configs": [{"id": "c0", "kind": "HeavyBall"}]})
     return s
 
 
@@ -212,7 +214,8 @@ def test_a_version_1_store_loads_with_the_same_merged_moments(tmp_path):
     x = np.stack(vecs)
     for name, per_chunk in versions.items():
         store = Store(str(tmp_path / name))
-        store.write_manifest({"schema_version": per_chunk[0], "study": "s", "permutations": 7})
+        manifest = {"schema_version": per_chunk[0], "study": "s", "permutations": 7}
+        store.write_manifest({**manifest, "chunks": 4, "configs": [{"id": "c0"}]})
         for chunk, (part, version) in enumerate(zip(chunks, per_chunk, strict=True)):
             store.write_part("runs", "c0", chunk, runs_rows("c0", chunk, [chunk]))
             write_moments(store, chunk, part, version)
@@ -225,7 +228,7 @@ def test_a_version_1_store_loads_with_the_same_merged_moments(tmp_path):
 
 
 def test_load_refuses_an_unknown_schema_version(store):
-    store.write_manifest({"schema_version": 99, "study": "s"})
+    store.write_manifest({"schema_version": 99, "study": "s", "configs": [], "permutations": 1})
     with pytest.raises(ValueError, match="schema version 99 is not one this noisemem reads"):
         load(store.uri)
 
@@ -244,3 +247,120 @@ def test_load_refuses_a_directory_without_a_study(tmp_path):
 def test_an_empty_store_path_is_refused(uri):
     with pytest.raises(ValueError, match="output="):
         Store(uri)
+
+
+def chunk_tables(config: str, chunk: int, perms: list[int]) -> dict[str, list[dict]]:
+    rng = np.random.default_rng(chunk)
+    vectors = [rng.normal(size=3) for _ in perms]
+    return {
+        "runs": runs_rows(config, chunk, perms),
+        "steps": [{"config": config, "permutation": p, "step": 0, "loss": 1.0} for p in perms],
+        "corrections": [
+            {"config": config, "permutation": p, "probe": "init", "step": 3, "norm": 1.0}
+            for p in perms
+        ],
+        "moments": [{**moments_row(config, chunk, vectors), "excluded": 0}],
+    }
+
+
+@pytest.fixture
+def store3(tmp_path) -> Store:
+    """A store of the current schema, two chunks of config c0 written as actors write them."""
+    s = Store(str(tmp_path / "study3"))
+    manifest = {"schema_version": SCHEMA_VERSION, "study": "s", "permutations": 4, "chunks": 2}
+    s.write_manifest({**manifest, "configs": [{"id": "c0", "kind": "HeavyBall"}]})
+    s.write_chunk("c0", 0, chunk_tables("c0", 0, [0, 1]))
+    s.write_chunk("c0", 1, chunk_tables("c0", 1, [2, 3]))
+    s.write_predictions("c0", [])
+    return s
+
+
+def test_a_chunk_is_done_when_its_record_verifies(store3):
+    from noisemem.studies.tables import inspect
+
+    assert store3.chunk_done("c0", 0) and store3.chunk_done("c0", 1)
+    found = inspect(store3.uri)
+    assert found.complete and found.problems == []
+    tables = load(store3.uri)
+    assert sorted(tables.runs["permutation"]) == [0, 1, 2, 3] and len(tables.moments) == 2
+    assert tables.problems == ()
+    # records and temporary files never look like data to a reader that lists files
+    names = all_files(store3)
+    assert "_chunks/c0/chunk-00000.json" in names
+    assert not [n for n in names if ".tmp-" in n]
+
+
+@pytest.mark.parametrize("table", ["runs", "steps", "corrections", "moments"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "rewrite"])
+def test_a_missing_truncated_or_rewritten_part_makes_its_chunk_not_done(store3, table, damage):
+    from noisemem.studies.tables import inspect
+
+    parts = store3.part_name(table, "c0", 1)
+    path = store3.path(*parts)
+    if damage == "delete":
+        store3.fs.delete_file(path)
+    elif damage == "truncate":
+        data = store3.read_bytes(*parts)
+        with store3.fs.open_output_stream(path) as out:
+            out.write(data[: len(data) // 2])
+    else:  # a valid part, but not the one the record lists (another writer's)
+        store3.write_part(table, "c0", 1, chunk_tables("c0", 1, [3])[table])
+    assert store3.chunk_done("c0", 0) and not store3.chunk_done("c0", 1)
+    found = inspect(store3.uri)
+    assert not found.complete and found.status[("c0", 1)] == "damaged"
+    (problem,) = found.problems
+    assert problem.startswith(f"chunk 1 of c0: {'/'.join(parts)}: ")
+    assert ("missing" in problem) == (damage == "delete")
+    tables = load(store3.uri)  # the damaged chunk is left out, and said to be
+    assert sorted(tables.runs["permutation"]) == [0, 1]
+    assert list(tables.moments["chunk"]) == [0]
+    assert tables.problems == (problem,)
+
+
+def test_a_failed_chunk_keeps_its_failure_rows_and_is_not_done(store3):
+    from noisemem.studies.tables import inspect
+
+    failed = [
+        {**r, "status": "failed", "error": "Traceback\nOSError: boom"}
+        for r in runs_rows("c0", 1, [2, 3])
+    ]
+    store3.write_chunk("c0", 1, {"runs": failed}, status="failed")
+    assert not store3.chunk_done("c0", 1)
+    found = inspect(store3.uri)
+    assert found.status[("c0", 1)] == "failed"
+    assert found.problems == ["chunk 1 of c0: failed (OSError: boom)"]
+    tables = load(store3.uri)
+    assert list(tables.runs["status"]) == ["ok", "ok", "failed", "failed"]
+    assert list(tables.moments["chunk"]) == [0]
+
+
+def test_the_manifest_is_created_exclusively(tmp_path):
+    store = Store(str(tmp_path / "new"))
+    assert store.create_exclusive('{"a": 1}', "manifest.json")
+    assert not store.create_exclusive('{"a": 2}', "manifest.json")
+    assert store.read_manifest() == {"a": 1}
+    assert [n for n in all_files(store)] == ["manifest.json"]
+
+
+def test_an_automatic_chunk_size_resumes_with_the_stored_one(tmp_path):
+    """A store made with one chunk size is resumed with it by a spec that leaves the size to
+    the work, whatever that would choose now (the chunks of a store must not change)."""
+    from noisemem.studies.prepare import stored_chunking
+    from noisemem.studies.spec import StudySpec
+    from noisemem.studies.store import study_toml
+
+    raw = {
+        "name": "auto",
+        "output": str(tmp_path / "s"),
+        "optimizers": [{"kind": "HeavyBall", "lr": 0.1, "beta": 0.9}],
+        "training": {"permutations": 64},
+    }
+    spec = StudySpec.from_dict(raw)
+    assert spec.auto_chunks and spec.training.chunk_size == 8
+    made = StudySpec.from_dict({**raw, "training": {"permutations": 64, "chunk_size": 16}})
+    store = Store(spec.output)
+    store.write_text(study_toml(made), "study.toml")
+    resumed = stored_chunking(store, spec)
+    assert resumed.training.chunk_size == 16 and resumed.digest == made.digest
+    explicit = StudySpec.from_dict({**raw, "training": {"permutations": 64, "chunk_size": 4}})
+    assert stored_chunking(store, explicit) is explicit  # a size written out is kept

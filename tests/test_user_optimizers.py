@@ -19,7 +19,7 @@ from noisemem.expectation import sample_run
 from noisemem.full_batch import NoClosedForm
 from noisemem.studies.driver import launch
 from noisemem.studies.spec import SpecError, StudySpec
-from noisemem.studies.store import load
+from noisemem.studies.tables import load
 from noisemem.trajectory import memoryful_run
 
 SEQUENCE = [2, 0, 3, 1, 1, 3, 0, 2, 1, 1]

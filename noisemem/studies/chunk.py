@@ -3,9 +3,10 @@
 A chunk is a range of permutation indices of one config. Its runs are trained at once as a
 vmapped ensemble (one parameter vector per permutation, same initialisation): at step j,
 run p uses the batch its own order gives it. Batch orders come from
-``sample_run(sampling, m, b, steps, spec.seed, p)``, so a permutation's results depend on the
-spec and its index only, never on the chunking or on which worker ran it; every config sees
-the same orders (common random numbers).
+``sample_run(sampling, m, b, steps, seed, p)`` with the config's training setting, so a
+permutation's results depend on the config and its index only, never on the chunking or on
+which worker ran it; configs that share a setting see the same orders (common random
+numbers).
 
 Probe points (where Eq. (9) is evaluated, at the end of every epoch e, n = e m - 1):
 
@@ -31,6 +32,7 @@ from torch.func import functional_call, vmap
 
 from noisemem.expectation import SampledRun, exact_expectation, sample_run, sampled_correction
 from noisemem.full_batch import NoClosedForm, full_batch_prediction
+from noisemem.noise_aware import check_noise_aware_args, direction_at, noise_aware_prediction
 from noisemem.optim import Optimizer
 from noisemem.probe import Probe
 from noisemem.problem import Problem
@@ -39,15 +41,17 @@ from noisemem.studies import rows
 from noisemem.studies.data import DataInfo, split_batches
 from noisemem.studies.models import initial_parameters, spec_model
 from noisemem.studies.plan import Chunks
-from noisemem.studies.spec import Config, StudySpec
+from noisemem.studies.spec import Config, Setting, StudySpec
 from noisemem.trajectory import memoryful_steps, trajectories
 
 
 @dataclass
 class Context:
-    """Model and batches of a study on one device (built once per actor)."""
+    """Model and batches of a study for one training setting on one device (an actor
+    builds one per setting it meets, once)."""
 
     spec: StudySpec
+    setting: Setting
     model: nn.Module
     problem: Problem
     device: str
@@ -55,15 +59,25 @@ class Context:
 
     @classmethod
     def build(
-        cls, spec: StudySpec, x: Tensor, y: Tensor, info: DataInfo, device: str = "cpu"
+        cls,
+        spec: StudySpec,
+        x: Tensor,
+        y: Tensor,
+        info: DataInfo,
+        device: str = "cpu",
+        setting: Setting | None = None,
     ) -> Context:
+        """The context of ``setting`` (by default the spec's only one)."""
         spec.check_combinations()  # from_dict did; a spec made by dataclasses.replace may not
+        if setting is None:
+            (setting,) = spec.settings  # a sweep has several: name one
         dtype = torch.float64 if spec.runtime.dtype == "float64" else torch.float32
-        model = initial_parameters(spec_model(spec, info), spec.seed).to(device=device, dtype=dtype)
+        model = initial_parameters(spec_model(spec, info), setting.seed)
+        model = model.to(device=device, dtype=dtype)
         x, y = x.to(device=device, dtype=dtype), y.to(device)
-        batches = split_batches(x, y, spec.training.batch_size)
+        batches = split_batches(x, y, setting.batch_size)
         problem = Problem(model, nn.functional.cross_entropy, batches)
-        return cls(spec, model, problem, device)
+        return cls(spec, setting, model, problem, device)
 
     @property
     def m(self) -> int:
@@ -71,11 +85,11 @@ class Context:
 
     @property
     def steps(self) -> int:
-        return self.spec.training.epochs * self.m
+        return self.setting.epochs * self.m
 
     def run(self, p: int) -> SampledRun:
-        t = self.spec.training
-        return sample_run(t.sampling, self.m, t.batch_size, self.steps, self.spec.seed, p)
+        s = self.setting
+        return sample_run(s.sampling, self.m, s.batch_size, self.steps, s.seed, p)
 
     def references(self, config: Config) -> dict[int, Tensor | None]:
         """theta at the spec's reference steps of the full-batch run (None if it diverged)."""
@@ -102,16 +116,35 @@ class Context:
             probes[f"ref{s}"] = theta
         return probes
 
+    def noise(self, at: Problem, probe: Probe | None = None) -> tuple[Tensor, float]:
+        """``(Cov, R)`` at ``at.theta``: the noise direction (THEORY §4) and the mini-batch
+        variance regularizer ``R = mean_i ||g_i - g||^2`` (THEORY §5, grad R = 2 Cov), per
+        batch, or per sample under reshuffling. ``probe`` (a :class:`Probe` of ``at``) lends
+        its batch gradients' graph to the per-batch case instead of building a second one."""
+        if self.setting.sampling == "reshuffle":
+            probe = Probe(at.per_sample())
+        elif probe is None:
+            probe = Probe(at)
+        G = probe.grads.double()
+        R = float((G * G).sum(1).mean() - (G.mean(0) ** 2).sum())
+        return probe.hessian_moments()[2], R
+
     def noise_direction(self, at: Problem, probe: Probe | None = None) -> Tensor:
-        """Cov at ``at.theta``: per batch, or per sample under reshuffling (THEORY §4).
-        ``probe`` (a :class:`Probe` of ``at``) lends its batch gradients' graph to the
-        per-batch case instead of building a second one."""
-        if self.spec.training.sampling == "reshuffle":
-            return Probe(at.per_sample()).hessian_moments()[2]
-        return (probe if probe is not None else Probe(at)).hessian_moments()[2]
+        """Cov at ``at.theta`` (see :meth:`noise`)."""
+        return self.noise(at, probe)[0]
 
     def probe_steps(self) -> list[int]:
-        return [e * self.m - 1 for e in range(1, self.spec.training.epochs + 1)]
+        return [e * self.m - 1 for e in range(1, self.setting.epochs + 1)]
+
+
+def anti_direction(optimizer: Optimizer, probe: Probe) -> Tensor | None:
+    """Sec. 4's direction ``d = grad ||grad L||_{1,eps} = H (g / sqrt(g^2 + eps))`` at the
+    probe's point, for optimizers whose Phi has an eps (Adam's quotient, the soft sign);
+    None for the others."""
+    form = optimizer.form
+    if form is None or form.kind not in ("adam", "soft_sign") or not form.eps > 0:
+        return None
+    return direction_at(probe, form.eps)
 
 
 @dataclass
@@ -145,7 +178,7 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
         return _loss_and_accuracy(ctx.model, problem, t, x, y)  # (loss, accuracy as aux)
 
     batched_loss = vmap(loss_fn)
-    steps = ctx.steps
+    steps = len(runs[0].sequence)
     losses = torch.empty(steps, P, dtype=theta0.dtype, device=theta0.device)
     accs = torch.empty_like(losses)
     norms = torch.empty(steps, P, dtype=torch.float64, device=theta0.device)
@@ -182,10 +215,10 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
     for j, _, theta in memoryful_steps(optimizer, theta0, gradient, steps):
         if (j + 1) % ctx.m == 0:
             epoch_thetas.append(theta.clone())
-    # diverged_at: the first iterate j whose parameters or gradient were not finite (the
-    # gradient norm is not finite once theta^(j) or its gradient is not: cheaper than
+    # diverged_at: the first iterate j whose parameters, gradient or loss were not finite
+    # (the gradient norm is not finite once theta^(j) or its gradient is not: cheaper than
     # scanning theta at every step)
-    bad = (~torch.isfinite(norms)).cpu().numpy()
+    bad = (~(torch.isfinite(norms) & torch.isfinite(losses))).cpu().numpy()
     last_bad = (~torch.isfinite(theta).all(dim=1)).cpu().numpy()
     diverged = [
         int(np.argmax(bad[:, p])) if bad[:, p].any() else (steps if last_bad[p] else None)
@@ -201,7 +234,9 @@ def _prefix(run: SampledRun, steps: int) -> SampledRun:
 def run_chunk(
     ctx: Context, config: Config, chunk: int, worker: str = "local"
 ) -> dict[str, list[dict[str, Any]]]:
-    """Rows of ``runs``, ``steps``, ``corrections`` and ``moments`` for one chunk."""
+    """Rows of ``runs``, ``steps``, ``corrections`` and ``moments`` for one chunk (``ctx``
+    is the context of the config's training setting)."""
+    assert ctx.setting == config.setting, (ctx.setting, config.setting)
     spec, opt = ctx.spec, config.optimizer
     indices = list(Chunks.of(spec).indices(chunk))
     t0 = time.perf_counter()
@@ -211,6 +246,9 @@ def run_chunk(
     moments: list[dict[str, Any]] = []
     steps_of = ctx.probe_steps()
     d = ctx.problem.theta.numel()
+    # the step at which each run diverged: its training (parameters, gradient or loss not
+    # finite), or the first probe step at which one of its corrections was not finite
+    diverged: dict[int, int | None] = dict(zip(indices, ens.diverged_at, strict=True))
 
     def measure(
         name: str,
@@ -221,13 +259,16 @@ def run_chunk(
         run: SampledRun,
         fb: Tensor,
         noise: Tensor,
+        anti: Tensor | None,
         acc: Moments,
     ) -> None:
         M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
         if bool(torch.isfinite(M).all()):
             acc.add(M)
+        elif diverged[p] is None or n < diverged[p]:  # type: ignore[operator]
+            diverged[p] = n
         corrections.append(
-            rows.correction_row(config, name, n, p, M, fb, noise, vector=spec.record.vectors)
+            rows.correction_row(config, name, n, p, M, fb, noise, anti, vector=spec.record.vectors)
         )
 
     for name, theta in ctx.fixed_probes(config).items():
@@ -235,13 +276,13 @@ def run_chunk(
             continue
         at = ctx.problem.at(theta)
         probe = Probe(at)
-        noise = ctx.noise_direction(at, probe)
+        noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
         for n in steps_of:
             fb = full_batch_prediction(at, opt, n, probe)
             acc = Moments.empty(d)
             for p, run in zip(indices, runs, strict=True):
-                measure(name, n, p, at, probe, run, fb, noise, acc)
-            moments.append(rows.moments_row(config, name, n, chunk, acc))
+                measure(name, n, p, at, probe, run, fb, noise, anti, acc)
+            moments.append(rows.moments_row(config, name, n, chunk, acc, len(indices)))
     if spec.probes.epoch_end:
         for e, n in enumerate(steps_of):
             acc = Moments.empty(d)
@@ -251,10 +292,10 @@ def run_chunk(
                     continue
                 at = ctx.problem.at(ens.epoch_thetas[e][j])
                 probe = Probe(at)
-                noise = ctx.noise_direction(at, probe)
+                noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
                 fb = full_batch_prediction(at, opt, n, probe)
-                measure("epoch", n, p, at, probe, run, fb, noise, acc)
-            moments.append(rows.moments_row(config, "epoch", n, chunk, acc))
+                measure("epoch", n, p, at, probe, run, fb, noise, anti, acc)
+            moments.append(rows.moments_row(config, "epoch", n, chunk, acc, len(indices)))
     step_rows = _step_rows(ctx, config, indices, runs, ens) if spec.record.steps else []
     seconds = (time.perf_counter() - t0) / max(len(indices), 1)
     run_rows = [
@@ -263,8 +304,8 @@ def run_chunk(
             config,
             chunk,
             p,
-            status="ok" if ens.diverged_at[j] is None else "diverged",
-            diverged_at=ens.diverged_at[j],
+            status="ok" if diverged[p] is None else "diverged",
+            diverged_at=diverged[p],
             seconds=seconds,
             worker=worker,
             device=ctx.device,
@@ -312,9 +353,11 @@ def _step_rows(
 
 
 def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
-    """Rows of ``predictions`` for every fixed probe and probe step of ``config``. An
-    optimizer without a closed full-batch limit gets a ``full_batch_limit`` row with no
-    vector (NaN norm, ``{"no_closed_form": 1}``): recorded, not failed."""
+    """Rows of ``predictions`` for every fixed probe and probe step of ``config``: the
+    full-batch predictions, the exact expectation (linear optimizers), the noise-aware
+    prediction (:mod:`noisemem.noise_aware`), the noise direction and Sec. 4's direction d.
+    A prediction an optimizer has no form of gets a row with no vector (NaN norm,
+    ``{"no_closed_form": 1}``): recorded, not failed."""
     opt = config.optimizer
     out: list[dict[str, Any]] = []
     for name, theta in ctx.fixed_probes(config).items():
@@ -322,11 +365,12 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
             continue
         at = ctx.problem.at(theta)
         probe = Probe(at)  # one graph of the batch gradients, shared by every prediction
-        out.append(
-            rows.prediction_row(
-                config, name, None, "noise_direction", ctx.noise_direction(at, probe), {}
-            )
-        )
+        cov, R = ctx.noise(at, probe)
+        out.append(rows.prediction_row(config, name, None, "noise_direction", cov, {"R": R}))
+        anti = anti_direction(opt, probe)
+        if anti is not None:
+            eps = {"eps": float(opt.form.eps)}  # type: ignore[union-attr]
+            out.append(rows.prediction_row(config, name, None, "anti_regularization", anti, eps))
         try:
             limit = full_batch_prediction(at, opt, None, probe)
             out.append(rows.prediction_row(config, name, None, "full_batch_limit", limit, {}))
@@ -335,10 +379,9 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
         for n in ctx.probe_steps():
             fb = full_batch_prediction(at, opt, n, probe)
             out.append(rows.prediction_row(config, name, n, "full_batch", fb, {}))
+            out += _noise_aware_rows(ctx, config, name, n, at, probe)
             if opt.linear:
-                ex = exact_expectation(
-                    at, opt, ctx.spec.training.sampling, n, ctx.spec.training.epochs, probe
-                )
+                ex = exact_expectation(at, opt, ctx.setting.sampling, n, ctx.setting.epochs, probe)
                 coef = dict(ex.coefficients or {})
                 assert ex.full_batch_part is not None and ex.noise_part is not None
                 for kind, v in (
@@ -348,3 +391,22 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
                 ):
                     out.append(rows.prediction_row(config, name, n, kind, v, coef))
     return out
+
+
+def _noise_aware_rows(
+    ctx: Context, config: Config, name: str, n: int, at: Problem, probe: Probe
+) -> list[dict[str, Any]]:
+    """The noise-aware prediction's rows at probe ``name``, step n (its mean, full-batch
+    part and noise part), or one row saying there is none for this optimizer or sampling."""
+    try:
+        check_noise_aware_args(config.optimizer, n, ctx.setting.sampling)
+    except ValueError:
+        return [rows.missing_prediction_row(config, name, n, "noise_aware_mean")]
+    na = noise_aware_prediction(at, config.optimizer, n, probe, ctx.setting.sampling)
+    coef = {k: float(v) for k, v in na.coefficients.items()}
+    parts = (
+        ("noise_aware_mean", na.mean),
+        ("noise_aware_full_batch_part", na.full_batch_part),
+        ("noise_aware_noise_part", na.noise_part),
+    )
+    return [rows.prediction_row(config, name, n, kind, v, coef) for kind, v in parts]

@@ -3,6 +3,9 @@
 * ``digits`` (the embedded default): scikit-learn's bundled copy of the UCI digits, 1797 real
   8x8 handwritten images, no download.
 * ``mnist1d``: the MNIST-1D benchmark generated locally (``mnist1d.data.make_dataset``).
+* ``synthetic:cifar10``: CIFAR-shaped data generated from the seed (3x32x32 images in 10
+  classes, each a class pattern plus noise; 1024 samples unless ``limit`` says otherwise):
+  the shape and cost of CIFAR-10 with no download, for tests and laptops.
 * a local Parquet, CSV, Arrow or JSON file, or a ``save_to_disk`` folder.
 * ``hub:<name>``: a Hugging Face Hub data set, when the network allows. Offline (or with
   ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` set) this fails within seconds, with a message
@@ -71,6 +74,18 @@ def _mnist1d_dataset(seed: int) -> Any:
     )
 
 
+def _synthetic_cifar(seed: int, limit: int) -> Any:
+    """CIFAR-shaped images: sample j of class c = pattern_c + noise, 3x32x32, from ``seed``."""
+    import datasets
+
+    n = limit or 1024
+    rng = np.random.default_rng([seed, 10_32_32])
+    patterns = rng.normal(size=(10, 3, 32, 32)).astype(np.float32)
+    labels = rng.integers(0, 10, size=n)
+    images = patterns[labels] + rng.normal(scale=2.0, size=(n, 3, 32, 32)).astype(np.float32)
+    return datasets.Dataset.from_dict({"image": list(images), "label": labels})
+
+
 def _offline() -> bool:
     return any(
         os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -114,10 +129,15 @@ def _local_dataset(path: Path, split: str) -> Any:
     return datasets.load_dataset(kind, data_files=str(path), split="train")
 
 
-def load_dataset(source: str, *, split: str = "train", seed: int = 0) -> Any:
+SYNTHETIC = ("synthetic:cifar10",)
+
+
+def load_dataset(source: str, *, split: str = "train", seed: int = 0, limit: int = 0) -> Any:
     """The ``datasets.Dataset`` behind a spec's ``data.source``."""
     if source == "digits":
         return _digits_dataset()
+    if source == "synthetic:cifar10":
+        return _synthetic_cifar(seed, limit)
     if source == "mnist1d":
         return _mnist1d_dataset(seed)
     if source.startswith("hub:"):
@@ -134,6 +154,8 @@ def _features(ds: Any, label_column: str) -> tuple[np.ndarray, tuple[int, ...] |
         if len(values) and not isinstance(values[0], np.ndarray):  # e.g. PIL images
             values = [np.asarray(v) for v in ds[columns[0]]]
         arr = np.stack([np.asarray(v, dtype=np.float32) for v in values])
+        if arr.ndim == 4 and arr.shape[-1] <= 4 < arr.shape[1]:
+            arr = arr.transpose(0, 3, 1, 2)  # PIL images are H x W x C: channels first
         shape = tuple(arr.shape[1:]) if arr.ndim >= 3 else None
         return arr.reshape(len(arr), -1), shape
     table = ds.with_format("numpy")
@@ -152,7 +174,7 @@ def prepare(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, DataInfo]:
     """Inputs ``(N, features)``, integer labels ``(N,)`` and the record of how."""
-    ds = load_dataset(source, split=split, seed=seed)
+    ds = load_dataset(source, split=split, seed=seed, limit=limit)
     if label_column not in ds.column_names:
         raise ValueError(
             f"data.label_column={label_column!r} is not a column; columns: {ds.column_names}"

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 
 @cache
-def versions() -> str:
-    """The library versions a row was computed with (JSON), read without importing them."""
+def versions(device: str = "cpu") -> str:
+    """The library versions a row was computed with (JSON; Ray's and pyarrow's read without
+    importing them), torch's CUDA version and the name of the device computed on."""
 
     def version(name: str) -> str:
         try:
@@ -30,13 +31,19 @@ def versions() -> str:
         except metadata.PackageNotFoundError:  # pragma: no cover - both are dependencies
             return "missing"
 
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = platform.processor() or platform.machine()
     return json.dumps(
         {
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "cuda": torch.version.cuda,
             "ray": version("ray"),
             "numpy": np.__version__,
             "pyarrow": version("pyarrow"),
+            "device_name": name,
         }
     )
 
@@ -49,22 +56,23 @@ def run_row(spec: StudySpec, config: Config, chunk: int, p: int, **fields: Any) 
         "config": config.id,
         "chunk": chunk,
         "permutation": p,
-        "seed": spec.seed,
+        "seed": config.seed,
         "optimizer": opt.name,
         "hyperparameters": json.dumps(config.hyperparameters, sort_keys=True),
         "lr": opt.lr,
-        "batch_size": spec.training.batch_size,
-        "epochs": spec.training.epochs,
-        "sampling": spec.training.sampling,
+        "batch_size": config.batch_size,
+        "epochs": config.epochs,
+        "sampling": config.sampling,
         "status": "ok",
         "error": None,
         "diverged_at": None,
         "seconds": None,
         "worker": None,
         "device": None,
-        "versions": versions(),
+        "versions": None,
     }
     row.update(fields)
+    row["versions"] = versions(row["device"] or "cpu")
     return row
 
 
@@ -86,14 +94,18 @@ def correction_row(
     M: Tensor,
     full_batch: Tensor,
     noise: Tensor,
+    anti: Tensor | None = None,
     *,
     vector: bool,
 ) -> dict[str, Any]:
-    """A ``corrections`` row: |M|, l_inf, and M against the full-batch prediction and the
-    noise direction. In float64 whatever the study's dtype: a float32 M of entries ~1e19 is
-    finite but its norm (a sum of squares) is not."""
+    """A ``corrections`` row: |M|, l_inf, and M against the full-batch prediction, the noise
+    direction and (where the optimizer has one) Sec. 4's anti-regularization direction d.
+    In float64 whatever the study's dtype: a float32 M of entries ~1e19 is finite but its
+    norm (a sum of squares) is not."""
     M, full_batch, noise = M.double(), full_batch.double(), noise.double()
     fb = float(full_batch.norm())
+    d = None if anti is None else anti.double()
+    d_norm = 0.0 if d is None else float(d.norm())
     return {
         "config": config.id,
         "permutation": p,
@@ -105,12 +117,16 @@ def correction_row(
         "proj_full_batch": float(M @ full_batch) / fb**2 if fb > 0 else math.nan,
         "cos_full_batch": cosine(M, full_batch),
         "cos_noise": cosine(M, noise),
+        "proj_anti": float(M @ d) / d_norm if d is not None and d_norm > 0 else math.nan,
         "vector": M.cpu().tolist() if vector else None,
     }
 
 
-def moments_row(config: Config, probe: str, n: int, chunk: int, acc: Moments) -> dict[str, Any]:
-    """A ``moments`` row: the chunk's count, mean and M2 of M at (probe, step)."""
+def moments_row(
+    config: Config, probe: str, n: int, chunk: int, acc: Moments, runs: int
+) -> dict[str, Any]:
+    """A ``moments`` row: the chunk's count, mean and M2 of M at (probe, step), and how many
+    of its ``runs`` were left out (M not finite there, or the run had diverged)."""
     return {
         "config": config.id,
         "probe": probe,
@@ -119,6 +135,7 @@ def moments_row(config: Config, probe: str, n: int, chunk: int, acc: Moments) ->
         "count": acc.count,
         "mean": acc.mean.tolist(),
         "m2": acc.m2.tolist(),
+        "excluded": runs - acc.count,
     }
 
 

@@ -5,13 +5,14 @@ The spec says what a study computes; how its permutations are split into work
 (:mod:`noisemem.studies.store`) live beside it.
 
 A study is data x model x a grid of optimizers x batch size x epochs x sampling scheme x
-number of permutations x probe points x seeds. Every field is checked when the spec is
-loaded; an error names the field (``optimizers[1].beta2``), the value and what is allowed.
-Example (``jobs/studies/*.toml`` has complete ones)::
+seed (each a single value or a list: the study is their product, one config per point) x
+number of permutations x probe points. Every field is checked when the spec is loaded; an
+error names the field (``optimizers[1].beta2``), the value and what is allowed. Example
+(``jobs/studies/*.toml`` has complete ones)::
 
     name = "digits_heavy_ball_adam"
-    output = "out/studies/digits_heavy_ball_adam"    # a path or any pyarrow filesystem URI
-    seed = 0
+    output = "~/noisemem/studies/digits_heavy_ball_adam"  # a path or a pyarrow filesystem URI
+    seed = 0                   # or a list of seeds (initialisation and batch orders)
 
     [data]
     source = "digits"          # digits | mnist1d | hub:<name> | a Parquet/CSV/Arrow/JSON file
@@ -28,11 +29,11 @@ Example (``jobs/studies/*.toml`` has complete ones)::
     beta = [0.5, 0.9]
 
     [training]
-    batch_size = 32
+    batch_size = [16, 32, 64]  # batch_size, epochs and sampling may be lists too
     epochs = 2
     sampling = "permute"       # permute | reshuffle | replacement
     permutations = 64
-    chunk_size = 16
+    chunk_size = 16            # "auto" (the default) follows the work of a run
 
     [probes]
     init = true                # corrections at the initial parameters
@@ -66,13 +67,17 @@ from typing import Any
 from noisemem import checks
 from noisemem.checks import SAMPLINGS, SEED_LIMIT
 from noisemem.optim import OPTIMIZERS, Optimizer
+from noisemem.studies.plan import auto_chunk_size, run_work
 from noisemem.studies.store import fingerprint, location
 
-BUILTIN_DATA = ("digits", "mnist1d")
-BUILTIN_MODELS = ("gelu_mlp", "cnn", "softmax")
+BUILTIN_DATA = ("digits", "mnist1d", "synthetic:cifar10")
+BUILTIN_MODELS = ("gelu_mlp", "cnn", "softmax", "resnet18")
 NORMALIZE = ("unit", "standardize", "none")
 GPU_MODES = ("auto", "never", "always")
 DTYPES = ("float32", "float64")
+#: the largest study the driver plans: orders per config, and chunks (work items) in all
+MAX_PERMUTATIONS = 10_000_000
+MAX_CHUNKS = 100_000
 #: samplings with a fixed list of batches, which the memoryless trajectories need
 MEMORYLESS_SAMPLINGS = tuple(s for s in SAMPLINGS if s != "reshuffle")
 
@@ -186,17 +191,48 @@ class ModelSpec:
         return cls(kind=kind, hidden=_int("model.hidden", r["hidden"], 1), kwargs=r["kwargs"])
 
 
+#: the training fields a study may sweep (lists), in the order config ids name them
+SWEEPS = ("batch_size", "epochs", "sampling", "seed")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a config trains with besides its optimizer: one point of the training sweeps."""
+
+    batch_size: int
+    epochs: int
+    sampling: str
+    seed: int
+
+
 @dataclass(frozen=True)
 class Config:
-    """One point of the optimizer grid: a stable id and the optimizer it describes."""
+    """One point of the study's product: a stable id, the optimizer and the training setting."""
 
     id: str
     index: int
     optimizer: Optimizer
+    setting: Setting
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
         return {"kind": self.optimizer.name, **dataclasses.asdict(self.optimizer)}
+
+    @property
+    def batch_size(self) -> int:
+        return self.setting.batch_size
+
+    @property
+    def epochs(self) -> int:
+        return self.setting.epochs
+
+    @property
+    def sampling(self) -> str:
+        return self.setting.sampling
+
+    @property
+    def seed(self) -> int:
+        return self.setting.seed
 
 
 def optimizer_class(where: str, kind: Any) -> type[Optimizer]:
@@ -219,10 +255,28 @@ def optimizer_class(where: str, kind: Any) -> type[Optimizer]:
     return cls
 
 
-def _expand_optimizers(raw: Any) -> tuple[Config, ...]:
+def _missing(where: str, cls: type, given: Mapping[str, Any]) -> str | None:
+    """The message for required hyperparameters a grid entry leaves out (None if none)."""
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in given]
+    if not missing:
+        return None
+    optional = [f.name for f in dataclasses.fields(cls) if f.name not in required]
+    return (
+        f"{where}.{missing[0]} is missing; {cls.__name__} needs {', '.join(required)} "
+        f"(optional: {', '.join(optional) or 'none'})"
+    )
+
+
+def _expand_optimizers(raw: Any) -> list[tuple[str, Optimizer]]:
+    """Every point of the optimizer grids: its label (kind and grid values) and optimizer."""
     if not isinstance(raw, list) or not raw:
         raise _fail("optimizers", raw, "give at least one [[optimizers]] table")
-    configs: list[Config] = []
+    out: list[tuple[str, Optimizer]] = []
     for j, entry in enumerate(raw):
         where = f"optimizers[{j}]"
         if not isinstance(entry, Mapping):
@@ -242,7 +296,7 @@ def _expand_optimizers(raw: Any) -> tuple[Config, ...]:
             try:
                 opt = cls(**kw)
             except TypeError as err:
-                raise SpecError(f"{where}: {err}") from err
+                raise SpecError(_missing(where, cls, kw) or f"{where}: {err}") from err
             except ValueError as err:
                 # the optimizer names the field ("AdamW: beta2=..."); say where it sits
                 msg = str(err).removeprefix(f"{name}: ")
@@ -253,29 +307,74 @@ def _expand_optimizers(raw: Any) -> tuple[Config, ...]:
                     None,
                     "studies evaluate Eq. (9), which needs the soft sign: set eps > 0",
                 )
-            label = "-".join(f"{k}{kw[k]}" for k in keys)
-            configs.append(Config(f"c{len(configs):03d}-{name}-{label}", len(configs), opt))
+            out.append(("-".join([name, *(f"{k}{kw[k]}" for k in keys)]), opt))
+    return out
+
+
+def _product(
+    optimizers: list[tuple[str, Optimizer]], sweeps: dict[str, tuple]
+) -> tuple[Config, ...]:
+    """The configs: each optimizer grid point times each training setting (optimizers
+    outermost). Ids name the grid values and, for every swept field, its value."""
+    swept = [k for k in SWEEPS if len(sweeps[k]) > 1]
+    configs: list[Config] = []
+    for label, opt in optimizers:
+        for values in itertools.product(*(sweeps[k] for k in SWEEPS)):
+            setting = Setting(**dict(zip(SWEEPS, values, strict=True)))
+            parts = [label, *(f"{k}{getattr(setting, k)}" for k in swept)]
+            index = len(configs)
+            configs.append(Config(f"c{index:03d}-{'-'.join(parts)}", index, opt, setting))
     return tuple(configs)
+
+
+def _values(path: str, value: Any, check: Any) -> tuple[Any, ...]:
+    """A single value or a non-empty list of distinct values, each checked by ``check``."""
+    if isinstance(value, tuple):  # a default, or a spec built in Python
+        value = list(value)
+    if not isinstance(value, list):
+        return (check(path, value),)
+    if not value:
+        raise _fail(path, value, "a sweep list needs at least one value")
+    out = tuple(check(f"{path}[{i}]", v) for i, v in enumerate(value))
+    if len(set(out)) != len(out):
+        raise _fail(path, value, "the values of a sweep must be distinct")
+    return out
+
+
+def _scalar_or_list(values: tuple[Any, ...]) -> Any:
+    """How a swept field is written back: one value as itself, several as a list (so that
+    ``batch_size = 32`` and ``batch_size = [32]`` are the same study)."""
+    return values[0] if len(values) == 1 else list(values)
 
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    batch_size: int = 32
-    epochs: int = 1
-    sampling: str = "permute"
+    batch_size: tuple[int, ...] = (32,)  # each field but the last two may be a sweep list
+    epochs: tuple[int, ...] = (1,)
+    sampling: tuple[str, ...] = ("permute",)
     permutations: int = 32
-    chunk_size: int = 16
+    chunk_size: int = 0  # 0: "auto", resolved by StudySpec.from_dict (plan.auto_chunk_size)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> TrainingSpec:
         r = _section(cls, "training", raw)
         return cls(
-            batch_size=_int("training.batch_size", r["batch_size"], 1),
-            epochs=_int("training.epochs", r["epochs"], 1),
-            sampling=_choice("training.sampling", r["sampling"], SAMPLINGS),
-            permutations=_int("training.permutations", r["permutations"], 2, SEED_LIMIT),
-            chunk_size=_int("training.chunk_size", r["chunk_size"], 1),
+            batch_size=_values("training.batch_size", r["batch_size"], lambda p, v: _int(p, v, 1)),
+            epochs=_values("training.epochs", r["epochs"], lambda p, v: _int(p, v, 1)),
+            sampling=_values(
+                "training.sampling", r["sampling"], lambda p, v: _choice(p, v, SAMPLINGS)
+            ),
+            permutations=_int("training.permutations", r["permutations"], 2),
+            chunk_size=(
+                0
+                if raw.get("chunk_size", "auto") == "auto"
+                else _int("training.chunk_size", r["chunk_size"], 1)
+            ),
         )
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: _scalar_or_list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 @dataclass(frozen=True)
@@ -317,17 +416,34 @@ class RecordSpec:
 class RuntimeSpec:
     actors: int = 0  # 0: one per available CPU (or GPU)
     cpus_per_actor: int = 1
+    gpus_per_actor: float = 1.0  # with GPUs: a fraction lets several actors share one
     gpu: str = "auto"
     dtype: str = "float32"
+    start_timeout: float = 300.0  # seconds to wait for the first actor (an autoscaling
+    # cluster growing); a cluster this process started never grows: refused at once
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> RuntimeSpec:
         r = _section(cls, "runtime", raw)
+        gpus = r["gpus_per_actor"]
+        ok = checks.is_real(gpus) and (0 < gpus <= 1 or (checks.is_integer(gpus) and gpus >= 1))
+        if not ok:
+            raise _fail(
+                "runtime.gpus_per_actor", gpus, "give a fraction in (0, 1] or an integer >= 1"
+            )
         return cls(
             actors=_int("runtime.actors", r["actors"], 0),
             cpus_per_actor=_int("runtime.cpus_per_actor", r["cpus_per_actor"], 1),
+            gpus_per_actor=float(gpus),
             gpu=_choice("runtime.gpu", r["gpu"], GPU_MODES),
             dtype=_choice("runtime.dtype", r["dtype"], DTYPES),
+            start_timeout=checks.real(
+                "runtime.start_timeout",
+                r["start_timeout"],
+                low=0.0,
+                allowed="it must be a number of seconds >= 0",
+                error=SpecError,
+            ),
         )
 
 
@@ -337,7 +453,7 @@ class StudySpec:
 
     name: str
     output: str  # where the store lives (:func:`noisemem.studies.store.location`)
-    seed: int
+    seed: tuple[int, ...]  # the seeds swept (one, unless the spec gives a list)
     data: DataSpec
     model: ModelSpec
     configs: tuple[Config, ...]
@@ -354,35 +470,75 @@ class StudySpec:
         name = raw.get("name")
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise _fail("name", name, "use letters, digits, '-' and '_'")
-        output = location(raw.get("output", f"out/studies/{name}"), error=SpecError)
+        output = location(raw.get("output", f"~/noisemem/studies/{name}"), error=SpecError)
         for section in sections:
             if section != "optimizers" and not isinstance(raw.get(section, {}), Mapping):
                 raise _fail(section, raw.get(section), f"[{section}] must be a table")
+        seed = _values("seed", raw.get("seed", 0), lambda p, v: _int(p, v, 0, SEED_LIMIT - 1))
+        training = TrainingSpec.parse(raw.get("training", {}))
+        sweeps = {k: getattr(training, k) for k in SWEEPS if k != "seed"} | {"seed": seed}
         spec = cls(
             name=name,
             output=output,
-            seed=_int("seed", raw.get("seed", 0), 0, SEED_LIMIT - 1),
+            seed=seed,
             data=DataSpec.parse(raw.get("data", {}), base),
             model=ModelSpec.parse(raw.get("model", {})),
-            configs=_expand_optimizers(raw.get("optimizers")),
-            training=TrainingSpec.parse(raw.get("training", {})),
-            probes=ProbeSpec.parse(raw.get("probes", {})),
+            configs=_product(_expand_optimizers(raw.get("optimizers")), sweeps),
+            training=training,
+            probes=(probes := ProbeSpec.parse(raw.get("probes", {}))),
             record=RecordSpec.parse(raw.get("record", {})),
             runtime=RuntimeSpec.parse(raw.get("runtime", {})),
             raw=dict(raw),
         )
+        if training.chunk_size == 0:
+            fixed = int(probes.init) + len(probes.reference_steps)
+            work = max(
+                run_work(c.epochs, c.optimizer.linear, fixed, probes.epoch_end)
+                for c in spec.configs
+            )
+            size = auto_chunk_size(training.permutations, work)
+            spec = dataclasses.replace(
+                spec, training=dataclasses.replace(training, chunk_size=size)
+            )
         spec.check_combinations()
+        spec.check_size()
         return spec
+
+    @property
+    def auto_chunks(self) -> bool:
+        """Whether the spec leaves the chunk size to the work (``"auto"`` or not given)."""
+        return dict(self.raw.get("training", {})).get("chunk_size", "auto") == "auto"
+
+    def check_size(self) -> None:
+        """Refuse studies too large to plan: every chunk is a work item and a store part."""
+        t = self.training
+        chunks = len(self.configs) * -(-t.permutations // t.chunk_size)
+        if t.permutations > MAX_PERMUTATIONS:
+            raise _fail(
+                "training.permutations",
+                t.permutations,
+                f"at most {MAX_PERMUTATIONS:,} orders per config (the standard error falls "
+                "as 1/sqrt(P): 1e6 orders already give it to 0.1%)",
+            )
+        if chunks > MAX_CHUNKS:
+            raise _fail(
+                "training.chunk_size",
+                t.chunk_size,
+                f"{len(self.configs)} configs x {t.permutations} permutations make {chunks:,} "
+                f"chunks; at most {MAX_CHUNKS:,}: raise chunk_size",
+            )
 
     def check_combinations(self) -> None:
         """Fields that are each allowed but cannot be honoured together (run by
         :meth:`from_dict`; again by a study's context, for specs made another way)."""
         if not self.record.memoryless:
             return
-        if self.training.sampling not in MEMORYLESS_SAMPLINGS:
+        for sampling in self.training.sampling:
+            if sampling in MEMORYLESS_SAMPLINGS:
+                continue
             raise SpecError(
                 f"record.memoryless=true is not available with training.sampling="
-                f"{self.training.sampling!r}: the memoryless trajectories follow a fixed list of "
+                f"{sampling!r}: the memoryless trajectories follow a fixed list of "
                 f"batches; use training.sampling = {' or '.join(map(repr, MEMORYLESS_SAMPLINGS))}"
                 ", or record.memoryless = false"
             )
@@ -397,9 +553,17 @@ class StudySpec:
     def from_toml(cls, path: str | Path) -> StudySpec:
         path = Path(path)
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as err:
             raise SpecError(f"spec file {str(path)!r} does not exist") from err
+        except IsADirectoryError as err:
+            raise SpecError(f"spec file {str(path)!r} is a directory; give a .toml file") from err
+        except UnicodeDecodeError as err:
+            raise SpecError(
+                f"spec file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from err
+        except PermissionError as err:
+            raise SpecError(f"spec file {str(path)!r} cannot be read (permission denied)") from err
         except tomllib.TOMLDecodeError as err:
             raise SpecError(f"spec file {str(path)!r} is not valid TOML: {err}") from err
         return cls.from_dict(raw, base=path.parent)
@@ -420,23 +584,33 @@ class StudySpec:
 
     def check_data_size(self, num_samples: int) -> None:
         """Checks that need the data set's size (run before any actor starts)."""
-        b = self.training.batch_size
-        if b > num_samples:
-            raise _fail(
-                "training.batch_size", b, f"it must be <= the number of samples ({num_samples})"
-            )
-        if self.training.sampling == "permute" and num_samples // b < 1:
-            raise _fail("training.batch_size", b, "the data must hold at least one batch")
+        for b in self.training.batch_size:
+            if b > num_samples:
+                raise _fail(
+                    "training.batch_size",
+                    b,
+                    f"it must be <= the number of samples ({num_samples})",
+                )
+
+    @property
+    def settings(self) -> tuple[Setting, ...]:
+        """The distinct training settings of the configs, in config order."""
+        return tuple(dict.fromkeys(c.setting for c in self.configs))
+
+    @property
+    def swept(self) -> tuple[str, ...]:
+        """The fields of :data:`SWEEPS` the study gives more than one value."""
+        return tuple(k for k in SWEEPS if len({getattr(c, k) for c in self.configs}) > 1)
 
     def as_dict(self) -> dict[str, Any]:
         """The resolved spec as plain data (what the store's ``study.toml`` holds). The
         optimizers stay as written (grids), since their spelling names the config ids."""
         out = dict(self.raw)
         out["output"] = self.output
-        out["seed"] = self.seed
+        out["seed"] = _scalar_or_list(self.seed)
         out["data"] = dataclasses.asdict(self.data)
         out["model"] = {**dataclasses.asdict(self.model), "kwargs": dict(self.model.kwargs)}
-        out["training"] = dataclasses.asdict(self.training)
+        out["training"] = self.training.as_dict()
         out["probes"] = {**dataclasses.asdict(self.probes)}
         out["probes"]["reference_steps"] = list(self.probes.reference_steps)
         out["record"] = dataclasses.asdict(self.record)
@@ -448,12 +622,16 @@ class StudySpec:
         grids expanded into configs (id and every hyperparameter), the dtype; not where the
         results are written nor how many actors, CPUs or GPUs compute them."""
         d = self.as_dict()
+        swept = self.swept
         return {
             "name": self.name,
-            "seed": self.seed,
+            "seed": d["seed"],
             "data": d["data"],
             "model": d["model"],
-            "configs": [{"id": c.id, **c.hyperparameters} for c in self.configs],
+            "configs": [
+                {"id": c.id, **c.hyperparameters, **{k: getattr(c, k) for k in swept}}
+                for c in self.configs
+            ],
             "training": d["training"],
             "probes": d["probes"],
             "record": d["record"],

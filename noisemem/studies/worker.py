@@ -19,7 +19,7 @@ import torch
 
 from noisemem.studies import chunk, rows
 from noisemem.studies.devices import cuda_report
-from noisemem.studies.spec import StudySpec
+from noisemem.studies.spec import Config, Setting, StudySpec
 from noisemem.studies.store import Store
 from noisemem.system import keep_freed_memory
 
@@ -39,24 +39,38 @@ class StudyWorker:
                     f"{found}; install a CUDA build of torch on the GPU nodes, or set "
                     "runtime.gpu = 'never'"
                 )
-        x, y, info = data
-        self.device = device
-        self.ctx = chunk.Context.build(spec, x, y, info, device)
+        self.spec, self.data, self.device = spec, data, device
+        self.contexts: dict[Setting, chunk.Context] = {}
+        self.context(spec.configs[0])  # the first setting at once: bad data fails here
         self.store = Store(spec.output)
 
+    def ready(self) -> str:
+        """Answers once the actor is up (its context built): the driver waits for one."""
+        return self.name
+
+    def context(self, config: Config) -> chunk.Context:
+        """The context of the config's training setting, built on first use."""
+        if config.setting not in self.contexts:
+            x, y, info = self.data
+            self.contexts[config.setting] = chunk.Context.build(
+                self.spec, x, y, info, self.device, config.setting
+            )
+        return self.contexts[config.setting]
+
     def run_chunk(self, config_index: int, index: int) -> dict[str, Any]:
-        spec = self.ctx.spec
+        spec = self.spec
         config = spec.configs[config_index]
         t0 = time.perf_counter()
         try:
-            tables = chunk.run_chunk(self.ctx, config, index, worker=self.name)
+            tables = chunk.run_chunk(self.context(config), config, index, worker=self.name)
         except Exception:  # recorded in the store as failed, never silently dropped
             error = traceback.format_exc(limit=8)
             failed = rows.failed_chunk_rows(spec, config, index, error, self.name)
-            self.store.write_part("runs", config.id, index, failed)
+            self.store.write_chunk(
+                config.id, index, {"runs": failed}, status="failed", worker=self.name
+            )
             return {"config": config.id, "chunk": index, "status": "failed", "error": error}
-        for table in ("steps", "corrections", "moments", "runs"):  # runs last: the marker
-            self.store.write_part(table, config.id, index, tables[table])
+        self.store.write_chunk(config.id, index, tables, worker=self.name)  # parts, then record
         return {
             "config": config.id,
             "chunk": index,
@@ -66,8 +80,8 @@ class StudyWorker:
         }
 
     def predictions(self, config_index: int) -> str:
-        config = self.ctx.spec.configs[config_index]
-        self.store.write_part("predictions", config.id, None, chunk.predictions(self.ctx, config))
+        config = self.spec.configs[config_index]
+        self.store.write_predictions(config.id, chunk.predictions(self.context(config), config))
         return config.id
 
 

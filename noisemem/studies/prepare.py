@@ -1,0 +1,168 @@
+"""Everything a study checks before Ray starts: the actors override, the output, the data and
+the model, and which study the store holds. No Ray here: a bad input costs seconds, not the
+start of a cluster, and is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+from pyarrow import fs as pafs
+
+from noisemem import checks
+from noisemem.studies.data import DataInfo, prepare
+from noisemem.studies.models import check_model
+from noisemem.studies.spec import SpecError, StudySpec
+from noisemem.studies.store import Store, StoreError, check_resumable
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A study ready to start: its spec, store, data (``x``, ``y``, ``info``)."""
+
+    spec: StudySpec
+    store: Store
+    data: tuple[Any, Any, DataInfo]
+
+
+def check_actors(actors: Any) -> None:
+    """``actors`` overrides ``runtime.actors``: None, or an integer >= 0 (0: one per CPU/GPU)."""
+    if actors is None:
+        return
+    if isinstance(actors, bool) or not isinstance(actors, int) or actors < 0:
+        raise ValueError(
+            f"actors={actors!r} is not allowed; give an integer >= 0 (0: one per available "
+            "CPU or GPU) or None (use the spec's runtime.actors)"
+        )
+
+
+def open_store(spec: StudySpec) -> Store:
+    """The spec's store, reachable and writable: ``output`` is not a file, does not lie under
+    a file, and (on a local disk) its first existing folder is writable."""
+    try:
+        store = Store(spec.output)
+        info = store.fs.get_file_info(store.root)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"output={spec.output!r} cannot be reached ({_first_line(err)}); check the URI and "
+            "its credentials, or give a local path"
+        ) from err
+    if info.type == pafs.FileType.File:
+        raise ValueError(f"output={spec.output!r} is a file; give a directory for the store")
+    if store.local:
+        folder = store.root
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise ValueError(
+                f"output={spec.output!r} lies under {folder!r}, which is a file; give a "
+                "directory path"
+            )
+        if not _writable(folder):
+            raise ValueError(
+                f"output={spec.output!r} cannot be written ({folder!r} is not writable); give "
+                "a directory you can write"
+            )
+    if info.type == pafs.FileType.Directory and not store.exists("manifest.json"):
+        entries = store.fs.get_file_info(pafs.FileSelector(store.root))
+        visible = sorted(e.base_name for e in entries if not e.base_name.startswith("."))
+        if visible:
+            shown = ", ".join(visible[:3]) + (", ..." if len(visible) > 3 else "")
+            raise ValueError(
+                f"output={spec.output!r} is a directory that holds files but no noisemem study "
+                f"({shown}); give a new or empty directory"
+            )
+    return store
+
+
+def _writable(folder: str) -> bool:
+    """Whether a file can be made in ``folder`` (tried: permission bits say nothing to root,
+    nor about read-only or virtual filesystems)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def check_writable_dir(name: str, path: str) -> None:
+    """A local directory the run will write into later (e.g. ``--report-dir``), checked now."""
+    folder = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not _writable(folder):
+        raise ValueError(f"{name}={path!r} cannot be written ({folder!r} is not a writable folder)")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_data(spec: StudySpec) -> tuple[Any, Any, DataInfo]:
+    """The spec's data, checked against the spec and the model."""
+    import datasets
+
+    # its loaders log the errors they raise; the one line below says what went wrong
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    try:
+        x, y, info = prepare(
+            spec.data.source,
+            limit=spec.data.limit,
+            normalize=spec.data.normalize,
+            label_column=spec.data.label_column,
+            split=spec.data.split,
+            seed=spec.seed[0],  # mnist1d is generated from it; the same data for every seed
+        )
+    except SpecError:
+        raise
+    except ValueError as err:
+        if str(err).startswith("data."):  # noisemem's loaders name the field
+            raise SpecError(str(err)) from err
+        raise SpecError(_unreadable(spec, err)) from err
+    except Exception as err:  # a file datasets cannot parse, for instance
+        raise SpecError(_unreadable(spec, err)) from err
+    spec.check_data_size(info.num_samples)
+    check_model(spec, info)
+    return x, y, info
+
+
+def _unreadable(spec: StudySpec, err: BaseException) -> str:
+    return (
+        f"data.source={spec.data.source!r} cannot be read ({type(err).__name__}: "
+        f"{_first_line(err)})"
+    )
+
+
+def stored_chunking(store: Store, spec: StudySpec) -> StudySpec:
+    """A spec that leaves its chunk size to the work resumes a store with the chunk size the
+    store was made with (the work-based choice may differ between versions; the chunks of a
+    store must not)."""
+    if not spec.auto_chunks or not store.exists("study.toml"):
+        return spec
+    try:
+        stored = tomllib.loads(store.read_text("study.toml"))["training"]["chunk_size"]
+    except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError):
+        return spec  # the identity check says what is wrong with it
+    if not checks.is_integer(stored) or stored < 1 or stored == spec.training.chunk_size:
+        return spec
+    training = dataclasses.replace(spec.training, chunk_size=int(stored))
+    return dataclasses.replace(spec, training=training)
+
+
+def prepare_study(spec: StudySpec, actors: int | None = None) -> Prepared:
+    """Every check that needs no Ray, in the order that costs least: the actors override,
+    the output, the store's identity, then the data and the model."""
+    check_actors(actors)
+    store = open_store(spec)
+    spec = stored_chunking(store, spec)
+    try:
+        check_resumable(store, spec, store.read_manifest())
+    except StoreError as err:
+        raise ValueError(f"output={spec.output!r}: {err}") from err
+    return Prepared(spec, store, load_data(spec))
