@@ -23,9 +23,14 @@ scalar coefficients and a single summed HVP.
 
 How the window of steps is evaluated is the ``window`` argument, one of the strategies of
 :mod:`noisemem.window` (``"auto"`` picks: the linear reduction where it applies, the fused
-CPU kernel of :mod:`noisemem.fused`, torch matrix products for up to
-``window.DENSE_MAX_BATCHES`` batches, a streamed recurrence beyond). The tail of the memory
-is cut as :mod:`noisemem.memory` documents (``tail_tol``).
+CPU kernel of :mod:`noisemem.fused`, else the blocked torch scan; all three cost O(K d) for
+a window of K steps, however many batches). The tail of the memory is cut as
+:mod:`noisemem.memory` documents (``tail_tol``).
+
+Memory (:mod:`noisemem.budget`): the batch gradients' graph is kept whole when it fits in
+``memory_budget`` next to the O(m d) arrays, else rebuilt a group of batches at a time for
+each pass of products; where the O(m d) arrays themselves do not fit, a ``ValueError`` says
+so before any work, and ``window="online"`` computes the same M^(n) in O(L d).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from torch import Tensor, nn
 
 from noisemem import checks
 from noisemem import window as windows
+from noisemem.budget import parse_budget
 from noisemem.memory import TAIL_TOL
 from noisemem.optim import Optimizer, require_smooth
 from noisemem.probe import Probe
@@ -88,6 +94,12 @@ def correction_at(
     why = windows.unavailable(name, probe, optimizer, w)
     if why is not None:
         raise checks.not_allowed("window", window, f"{why}; use window='auto'")
+    # the memory plan, checked before any work: the (m, d) arrays of every path but online
+    probe.require(
+        None if name == "online" else optimizer,
+        per_batch=windows.needs_per_batch(optimizer, hvp),
+        hvp=hvp,
+    )
     return probe.layout.to_standard(windows.STRATEGIES[name](probe, optimizer, w))
 
 
@@ -101,6 +113,8 @@ def memory_correction(
     tail_tol: float = TAIL_TOL,
     hvp: str = "double_backward",
     window: str = "auto",
+    memory_budget: int | float | str | None = None,
+    graph_batches: int | None = None,
 ) -> Tensor:
     """Eq. (9): ``M^(n)`` at the model's current parameters, n = len(sequence) - 1.
 
@@ -112,10 +126,16 @@ def memory_correction(
     gradients, each batch holding its own copy of theta so that every ``H_i w_i`` comes out
     separately; or ``"vmap"``, one vmapped forward-over-reverse call over every (batch,
     variable) pair. ``window`` picks how the window of steps is evaluated (``"auto"``, or one
-    of ``"linear"``, ``"fused"``, ``"dense"``, ``"streamed"``: :mod:`noisemem.window`). Every
-    argument is checked before any work starts.
+    of ``"linear"``, ``"fused"``, ``"scan"``, ``"online"``, ``"dense"``, ``"streamed"``:
+    :mod:`noisemem.window`). ``memory_budget`` (bytes, a string such as ``"8GiB"``, or None
+    for the device's free memory) and ``graph_batches`` (batches per graph, None to choose
+    from the budget) set how the batch gradients' graph is held
+    (:func:`noisemem.budget.plan_memory` says what they choose). Every argument is checked
+    before any work starts.
     """
     check_correction_args(optimizer, tail_tol, hvp, window)
+    parse_budget(memory_budget)
     problem = as_problem(model, loss_fn, batches)
     seq = checks.sequence_array(sequence, problem.num_batches)
-    return correction_at(Probe(problem), optimizer, seq, tail_tol=tail_tol, hvp=hvp, window=window)
+    probe = Probe(problem, memory_budget=memory_budget, graph_batches=graph_batches)
+    return correction_at(probe, optimizer, seq, tail_tol=tail_tol, hvp=hvp, window=window)

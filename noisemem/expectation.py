@@ -44,6 +44,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from noisemem import checks
+from noisemem.budget import parse_budget
 from noisemem.checks import SAMPLINGS, SEED_LIMIT
 from noisemem.correction import correction_at
 from noisemem.memory import TAIL_TOL, decay_filter
@@ -202,8 +203,10 @@ def exact_expectation(
     C = pair_coefficients(optimizer, step, problem.num_batches)
     s_same, s_diff = noise_scales(sampling, problem.num_batches, problem.batch_size)
     probe = probe if probe is not None else Probe(problem)
+    probe.require(None, per_batch=False)  # sums of products only: no (m, d) array
     if sampling == "reshuffle":
-        Hg, V = probe.hessian_gradient(), Probe(problem.per_sample()).hessian_moments()[2]
+        samples = Probe(problem.per_sample(), probe.theta, **per_sample_memory(probe))
+        Hg, V = probe.hessian_gradient(), samples.hessian_moments()[2]
     else:
         _, Hg, V = probe.hessian_moments()
     c_full = C["same"] + C["epoch"] + C["cross"]
@@ -222,6 +225,14 @@ def exact_expectation(
     )
 
 
+def per_sample_memory(probe: Probe) -> dict[str, int | None]:
+    """The memory arguments of ``probe`` for a probe of the same samples in other batches
+    (``graph_batches`` scaled to hold as many samples per graph)."""
+    q = probe.graph_batches
+    samples = q * probe.problem.batch_size if q is not None else None
+    return {"memory_budget": probe.memory_budget, "graph_batches": samples}
+
+
 def sampled_correction(
     problem: Problem,
     probe: Probe,
@@ -232,7 +243,12 @@ def sampled_correction(
     """Eq. (9) for one sampled order (fresh batches built from samples for ``reshuffle``)."""
     if run.batches is None:
         return correction_at(probe, optimizer, run.sequence, tail_tol=tail_tol)
-    fresh = Probe(problem.rebatched(run.batches), probe.theta)
+    fresh = Probe(
+        problem.rebatched(run.batches),
+        probe.theta,
+        memory_budget=probe.memory_budget,
+        graph_batches=probe.graph_batches,
+    )
     return correction_at(fresh, optimizer, run.sequence, tail_tol=tail_tol)
 
 
@@ -266,6 +282,8 @@ def expected_correction(
     permutations: int | None = None,
     seed: int = 0,
     step: int | None = None,
+    memory_budget: int | float | str | None = None,
+    graph_batches: int | None = None,
 ) -> Expectation:
     """E[M^(n)] over random batch orders at the model's current parameters.
 
@@ -273,19 +291,23 @@ def expected_correction(
     HeavyBall and Nesterov (with ``full_batch_part`` and ``noise_part``); ``"monte_carlo"``
     for every smooth optimizer, averaging Eq. (9) over ``permutations`` sampled orders
     (``stderr`` per coordinate; reproducible from ``seed``, an int in [0, 2**32)); the exact
-    method uses neither.
+    method uses neither. ``memory_budget`` and ``graph_batches`` as in
+    :func:`~noisemem.correction.memory_correction`; the exact method holds no (m, d) array
+    (with the graph a group at a time it takes two passes of graphs instead of one).
     """
     require_smooth(optimizer)
+    parse_budget(memory_budget)
     problem = as_problem(model, loss_fn, batches)
     n = _check_expectation_args(
         optimizer, sampling, method, epochs, step, permutations, seed, problem.num_batches
     )
     epochs, seed = int(epochs), int(seed)
+    probe = Probe(problem, memory_budget=memory_budget, graph_batches=graph_batches)
     if method == "exact":
-        return exact_expectation(problem, optimizer, sampling, n, epochs)
+        return exact_expectation(problem, optimizer, sampling, n, epochs, probe)
     assert permutations is not None
     permutations = int(permutations)
-    acc = monte_carlo_moments(problem, optimizer, sampling, n, range(permutations), seed)
+    acc = monte_carlo_moments(problem, optimizer, sampling, n, range(permutations), seed, probe)
     dtype, device = problem.theta.dtype, problem.theta.device
     return Expectation(
         mean=acc.mean.to(device, dtype),

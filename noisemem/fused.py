@@ -1,12 +1,10 @@
 """A fused CPU kernel for the window of Eq. (9) (momentum rows, Phi, suffix sums, scatter).
 
-The torch evaluation of the window (:func:`noisemem.window.dense`) materialises every momentum
-row, every ``F^(s)`` and every suffix sum as ``(K, d)`` arrays: coefficient matrices times
-the stacked sources, Phi elementwise, then coefficient matrices again. On a CPU each pass
-over those arrays costs about as much as the arithmetic, and the two matrix products per
-variable cost ``2 K m d`` flops for what a recurrence does in ``K d``. On a GPU that is
-cheap; on a CPU it dominates. This module computes the same numbers in one pass per block of
-coordinates, so that a block's rows stay in cache:
+The torch evaluations of the window (:func:`noisemem.window.scan`, blocks of steps through
+small matrix products or cumulative sums; :func:`noisemem.window.dense`, (K, d) arrays) make
+several passes over every block of rows; on a CPU each pass costs about as much as the
+arithmetic. This module computes the same numbers in one pass per block of coordinates, so
+that a block's rows stay in cache:
 
     forward over the window s = start..n-1 (row r = s - start):
         S_a <- beta_a S_a + g_{sigma(s)}            (first moment, unscaled)
@@ -19,7 +17,10 @@ coordinates, so that a block's rows stay in cache:
 
 with the scales c (signs folded in) and weights w (``beta_l^(n-s)``, zero where a variable's
 own horizon ends) computed by the caller. The result ``w_{l,i}`` equals ``B_l @ F`` of the
-torch path; tests compare both with the literal Eq. (9).
+torch paths; tests compare them with the literal Eq. (9). The kernel also returns S_a and
+S_q after the window (the momenta m^(n+1) follow from them and step n's gradient), writes
+only the outputs asked for (heavy ball has no second moment) and keeps its per-thread rows
+of F between calls (:data:`_WORKSPACE`: at most ``buffer(K)`` numbers).
 
 Which optimizers it covers is read off their description (:func:`form`): a Phi with a
 :class:`~noisemem.optim.Form` of kind ``sum`` (heavy ball, Nesterov), ``adam`` (AdamW, NAdamW,
@@ -153,14 +154,16 @@ def window(
     states: dict[int, Tensor],
     scales: np.ndarray,
     weights: dict[int, np.ndarray],
-) -> dict[int, Tensor]:
-    """``w_l = B_l @ F`` over a window of K steps for the variables in ``weights``.
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """``w_l = B_l @ F`` over a window of K steps for the variables in ``weights``, and the
+    unscaled sums S_l of the kernel's momenta (a, q) after the window.
 
     ``grads`` (m, d): the batch gradients g_i; ``target`` (K,): the batch of each step;
     ``states[l]`` (d,): the unscaled sum S_l of variable l (a or q) before the window, of its
     own source (-g for Lion); ``scales`` (L, K or more): b_l^(s+1) for the window's steps in
     its first K columns; ``weights[l]`` (K,): beta_l^(n-s), zero outside the variable's
-    horizon. Returns ``{l: w_l}`` ((m, d) each).
+    horizon. Returns ``{l: w_l}`` ((m, d) each) and ``{l: S_l}`` ((d,) each, in the
+    variable's own source).
     """
     f = form(optimizer)
     nb = _numba()
@@ -186,7 +189,10 @@ def window(
     for s, l in enumerate(slots):
         if l is not None and l in weights:
             wts[s] = weights[l]
-    W = np.zeros((2, m, d), dtype=np_dtype)
+    # only the slots that are asked for get an (m, d) output; the other is never written
+    wanted = [l is not None and l in weights for l in slots]
+    outs = [np.zeros((m, d) if want else (1, 1), dtype=np_dtype) for want in wanted]
+    ends = np.empty((2, d), dtype=np_dtype)  # the unscaled sums after the window
     block = _block(K)
     scalar = np_dtype
     threads = _threads()
@@ -208,14 +214,39 @@ def window(
             f.kind,
             scalar(f.eps),
             wts,
-            W,
+            outs[0],
+            outs[1],
+            ends,
             block,
+            _workspace(threads, K, block, np_dtype),
         )
     out: dict[int, Tensor] = {}
+    after: dict[int, Tensor] = {}
     for s, l in enumerate(slots):
-        if l is not None and l in weights:
-            out[l] = torch.from_numpy(W[s])
-    return out
+        if wanted[s]:
+            assert l is not None
+            out[l] = torch.from_numpy(outs[s])
+        if l is not None:
+            sign = sign_a if s == 0 else 1.0  # back to the variable's own source
+            after[l] = sign * torch.from_numpy(ends[s])
+    return out, after
+
+
+#: the kernel's per-thread rows of F, kept between calls (at most ``buffer(K)`` numbers):
+#: a fresh buffer per block of coordinates was an allocation, and page faults, per block
+_WORKSPACE: dict[tuple[int, str], np.ndarray] = {}
+
+
+def _workspace(threads: int, K: int, block: int, dtype: type) -> np.ndarray:
+    """A ``(threads, K, block)`` array for the kernel's rows of F, reused when it fits."""
+    key = (threads, np.dtype(dtype).str)
+    need = K * block
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.shape[1] < need:
+        buf = np.empty((threads, need), dtype=dtype)
+        _WORKSPACE.clear()  # one buffer at a time
+        _WORKSPACE[key] = buf
+    return buf
 
 
 @cache
@@ -240,65 +271,72 @@ def _kernel(parallel: bool) -> Any:
         kind: int,
         eps: float,
         wts: np.ndarray,
-        W: np.ndarray,
+        Wa: np.ndarray,
+        Wq: np.ndarray,
+        ends: np.ndarray,
         blk: int,
+        work: np.ndarray,
     ) -> None:  # pragma: no cover - compiled; covered through correction's tests
         K = target.shape[0]
         d = G.shape[1]
         nblocks = (d + blk - 1) // blk
-        for bi in nb.prange(nblocks):
-            j0 = bi * blk
-            j1 = min(d, j0 + blk)
-            n = j1 - j0
-            Sa = state_a[j0:j1].copy()
-            Sq = state_q[j0:j1].copy()
-            th = theta[j0:j1]
-            Fbuf = np.empty((K, n), G.dtype)
-            for r in range(K):
-                g = G[target[r], j0:j1]
-                F = Fbuf[r]
-                a, b, q, p = ca[r], cb[r], cq[r], cp[r]
-                if kind == LINEAR:
-                    for j in range(n):
-                        s = beta_a * Sa[j] + g[j]
-                        Sa[j] = s
-                        F[j] = a * s + b * g[j] + p * th[j]
-                elif kind == LION:  # -x / sqrt(x^2 + eps) + p theta
-                    for j in range(n):
-                        s = beta_a * Sa[j] + g[j]
-                        Sa[j] = s
-                        x = a * s + b * g[j]
-                        F[j] = p * th[j] - x / np.sqrt(x * x + eps)
-                # the two Adam loops differ only where eps sits: kept apart on purpose, one
-                # loop with both eps (one of them 0) measured 20-40% slower
-                elif kind == ADAM_EPS_IN:  # x / sqrt(m2 + eps) + p theta
-                    for j in range(n):
-                        gj = g[j]
-                        s = beta_a * Sa[j] + gj
-                        Sa[j] = s
-                        s2 = beta_q * Sq[j] + gj * gj
-                        Sq[j] = s2
-                        F[j] = (a * s + b * gj) / np.sqrt(q * s2 + eps) + p * th[j]
-                else:  # ADAM_EPS_OUT: x / (sqrt(m2) + eps) + p theta
-                    for j in range(n):
-                        gj = g[j]
-                        s = beta_a * Sa[j] + gj
-                        Sa[j] = s
-                        s2 = beta_q * Sq[j] + gj * gj
-                        Sq[j] = s2
-                        F[j] = (a * s + b * gj) / (np.sqrt(q * s2) + eps) + p * th[j]
-            U = np.zeros(n, G.dtype)
-            for r in range(K - 1, -1, -1):
-                F = Fbuf[r]
-                for j in range(n):
-                    U[j] += F[j]
-                i = target[r]
-                for slot in range(2):
-                    w = wts[slot, r]
-                    if w != 0.0:
-                        out = W[slot, i, j0:j1]
+        threads = work.shape[0]
+        for t in nb.prange(threads):  # each thread its own row of work, blocks round-robin
+            for bi in range(t, nblocks, threads):
+                j0 = bi * blk
+                j1 = min(d, j0 + blk)
+                n = j1 - j0
+                Sa = state_a[j0:j1].copy()
+                Sq = state_q[j0:j1].copy()
+                th = theta[j0:j1]
+                rows = work[t]  # F of step r is rows[r n : (r+1) n]
+                for r in range(K):
+                    g = G[target[r], j0:j1]
+                    F = rows[r * n : (r + 1) * n]
+                    a, b, q, p = ca[r], cb[r], cq[r], cp[r]
+                    if kind == LINEAR:
                         for j in range(n):
-                            out[j] += w * U[j]
+                            s = beta_a * Sa[j] + g[j]
+                            Sa[j] = s
+                            F[j] = a * s + b * g[j] + p * th[j]
+                    elif kind == LION:  # -x / sqrt(x^2 + eps) + p theta
+                        for j in range(n):
+                            s = beta_a * Sa[j] + g[j]
+                            Sa[j] = s
+                            x = a * s + b * g[j]
+                            F[j] = p * th[j] - x / np.sqrt(x * x + eps)
+                    # the two Adam loops differ only where eps sits: kept apart on purpose, one
+                    # loop with both eps (one of them 0) measured 20-40% slower
+                    elif kind == ADAM_EPS_IN:  # x / sqrt(m2 + eps) + p theta
+                        for j in range(n):
+                            gj = g[j]
+                            s = beta_a * Sa[j] + gj
+                            Sa[j] = s
+                            s2 = beta_q * Sq[j] + gj * gj
+                            Sq[j] = s2
+                            F[j] = (a * s + b * gj) / np.sqrt(q * s2 + eps) + p * th[j]
+                    else:  # ADAM_EPS_OUT: x / (sqrt(m2) + eps) + p theta
+                        for j in range(n):
+                            gj = g[j]
+                            s = beta_a * Sa[j] + gj
+                            Sa[j] = s
+                            s2 = beta_q * Sq[j] + gj * gj
+                            Sq[j] = s2
+                            F[j] = (a * s + b * gj) / (np.sqrt(q * s2) + eps) + p * th[j]
+                ends[0, j0:j1] = Sa
+                ends[1, j0:j1] = Sq
+                U = np.zeros(n, G.dtype)
+                for r in range(K - 1, -1, -1):
+                    F = rows[r * n : (r + 1) * n]
+                    for j in range(n):
+                        U[j] += F[j]
+                    i = target[r]
+                    for slot in range(2):
+                        w = wts[slot, r]
+                        if w != 0.0:
+                            out = Wa[i, j0:j1] if slot == 0 else Wq[i, j0:j1]
+                            for j in range(n):
+                                out[j] += w * U[j]
 
     kernel.__qualname__ = "window_parallel" if parallel else "window_serial"  # own disk caches
     try:

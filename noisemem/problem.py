@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.utils import parameters_to_vector
 
+from noisemem.system import engine_allocator
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
 
@@ -87,9 +89,13 @@ class Problem:
         batches: Sequence[Batch],
         *,
         layout: GradLayout | None = None,
+        graph_bytes: int | None = None,
     ) -> None:
         """``layout``: the native order of the gradients if already known (the same model
-        and batch size); read from the model when needed otherwise (:attr:`layout`)."""
+        and batch size); read from the model when needed otherwise (:attr:`layout`).
+        ``graph_bytes``: likewise for :attr:`graph_bytes_per_batch`. The first problem
+        of a process makes the engine's allocator choice (:mod:`noisemem.system`)."""
+        engine_allocator()
         self.model = model
         self.loss_fn = loss_fn
         self.X, self.Y = stack_batches(batches)  # (m, b, ...)
@@ -104,8 +110,9 @@ class Problem:
         self.Y = self.Y.to(device)
         if self.X.is_floating_point():
             self.X = self.X.to(dtype)
-        # a one-slot cell: views made by :meth:`at` share it, so the layout is read once
+        # one-slot cells: views made by :meth:`at` share them, so each is read once
         self._layout: list[GradLayout | None] = [layout]
+        self._graph_bytes: list[int | None] = [graph_bytes]
 
     def at(self, theta: Tensor) -> Problem:
         """The same problem viewed at other flat parameters (data shared, nothing copied)."""
@@ -123,9 +130,13 @@ class Problem:
         the batch size is the same."""
         X, Y = self.samples()
         index = torch.as_tensor(rows, device=X.device)
-        layout = self._layout[0] if index.shape[1] == self.batch_size else None
+        same = index.shape[1] == self.batch_size
         fresh = Problem(
-            self.model, self.loss_fn, list(zip(X[index], Y[index], strict=True)), layout=layout
+            self.model,
+            self.loss_fn,
+            list(zip(X[index], Y[index], strict=True)),
+            layout=self._layout[0] if same else None,
+            graph_bytes=self._graph_bytes[0] if same else None,
         )
         return fresh.at(self.theta)
 
@@ -189,6 +200,24 @@ class Problem:
                 self._layout[0] = GradLayout(tuple(orders), index, torch.argsort(index))
         return self._layout[0]
 
+    @property
+    def graph_bytes_per_batch(self) -> int:
+        """Bytes the autograd graph of one batch's gradient holds (what a double backward
+        through it needs: the tensors autograd saves in the forward pass and in the backward
+        pass with ``create_graph``, plus the gradient itself), measured once on up to two
+        batches (:func:`saved_bytes`) and shared by the views of :meth:`at`."""
+        if self._graph_bytes[0] is None:
+            k = min(2, self.num_batches)
+            chunks = torch.split(self.layout.to_native(self.theta), self.numels)
+            leaves = [c.clone().requires_grad_(True) for c in chunks]
+            with torch.enable_grad():
+                copies = [leaf.expand(k, -1) for leaf in leaves]
+            keep = [*leaves, self.X, self.Y, *self.buffers.values()]
+            grads, saved = saved_bytes(lambda: self.batch_grads_at(copies, slice(0, k)), keep)
+            out = sum(g.numel() * g.element_size() for g in grads)
+            self._graph_bytes[0] = -(-(saved + out) // k)
+        return self._graph_bytes[0]
+
     def native_loss(self, chunks: Sequence[Tensor], x: Tensor, y: Tensor) -> Tensor:
         """:meth:`loss` at parameters given as one flat chunk per parameter, each in the
         native order (:attr:`layout`)."""
@@ -209,20 +238,41 @@ class Problem:
         X, Y = (self.X, self.Y) if index is None else (self.X[index], self.Y[index])
         return vmap(grad(self.loss), in_dims=(None, 0, 0))(theta, X, Y)
 
-    def batch_grads_at(self, thetas: Sequence[Tensor]) -> list[Tensor]:
-        """``g_i(theta_i)`` for every batch i, each at its own parameters, with their
-        autograd graph kept. ``thetas`` holds one ``(m, numel)`` tensor per parameter (row
-        i: batch i's copy; they must require grad), in the native order (:attr:`layout`);
-        so does the result (one ``(m, numel)`` gradient per parameter).
+    def batch_grads_at(
+        self, thetas: Sequence[Tensor], batches: slice | Tensor | None = None
+    ) -> list[Tensor]:
+        """``g_i(theta_i)`` for every batch i (or the batches ``batches``: a slice or an
+        index tensor, repeats allowed),
+        each at its own parameters, with their autograd graph kept. ``thetas`` holds one
+        ``(k, numel)`` tensor per parameter (row i: batch i's copy; they must require grad),
+        in the native order (:attr:`layout`); so does the result (one ``(k, numel)``
+        gradient per parameter).
 
         Batch i's loss depends on its own copies only, so one backward pass of the summed
-        losses gives every g_i (cheaper than ``vmap(grad)`` under an outer graph).
+        losses gives every g_i, and a backward pass through them gives every ``H_i w_i``
+        apart, at the copies (:meth:`shared_batch_grads` gives only their sum).
         """
+        X, Y = (self.X, self.Y) if batches is None else (self.X[batches], self.Y[batches])
         with torch.enable_grad():
-            losses = vmap(self.native_loss)(list(thetas), self.X, self.Y)
+            losses = vmap(self.native_loss)(list(thetas), X, Y)
             grads = torch.autograd.grad(losses.sum(), thetas, create_graph=True, allow_unused=True)
         # a parameter the loss does not use has zero gradients (and no graph)
         return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, thetas, strict=True)]
+
+    def shared_batch_grads(
+        self, leaves: Sequence[Tensor], batches: slice | Tensor | None = None
+    ) -> list[Tensor]:
+        """``g_i(theta)`` for every batch i (or those of ``batches``) at the one point
+        ``leaves`` (one flat chunk per parameter, native order), by ``vmap(grad)``: with
+        the leaves requiring grad, the result keeps its graph, and a backward pass through
+        it with cotangents ``w_i`` gives ``sum_i H_i w_i`` at the leaves. Only that sum:
+        there is no per-batch copy of theta to hold the terms apart, which is what makes it
+        cheaper than :meth:`batch_grads_at` when batches are many and small (the per-batch
+        products with the weights then never reach the parameters' shape)."""
+        X, Y = (self.X, self.Y) if batches is None else (self.X[batches], self.Y[batches])
+        with torch.enable_grad():
+            out = vmap(grad(self.native_loss), in_dims=(None, 0, 0))(list(leaves), X, Y)
+        return [g.contiguous() for g in out]
 
     def full_grad(self, theta: Tensor) -> Tensor:
         """``g = grad L``: ``(d,)``."""
@@ -235,6 +285,30 @@ class Problem:
             return jvp(lambda t: grad(self.loss)(t, x, y), (theta,), (v,))[1]
 
         return vmap(hvp)(self.X[index], self.Y[index], vectors)
+
+
+def saved_bytes(
+    build: Callable[[], list[Tensor]], persistent: Sequence[Tensor] = ()
+) -> tuple[list[Tensor], int]:
+    """Run ``build`` and return its result with the bytes of the distinct storages autograd
+    saved for backward meanwhile (``saved_tensors_hooks``), leaving out those of
+    ``persistent`` (parameters, data: they outlive the graph). Works on any device."""
+    skip = {t.untyped_storage().data_ptr() for t in persistent}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = build()
+    return out, sum(seen.values())
 
 
 def as_problem(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch] | Problem) -> Problem:

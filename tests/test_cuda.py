@@ -131,3 +131,71 @@ def test_every_engine_path_and_a_study_chunk_match_on_cuda() -> None:
             assert t.is_cuda, key
     assert_same(gpu, cpu, 1e-9)
     assert_same(study_outputs("cuda"), study_outputs("cpu"), 1e-9)
+
+
+def scale_outputs(device: str) -> dict[str, Tensor]:
+    """The paths of bounded memory and of the torch window on ``device``: the blocked scan
+    (a GPU's default window), the online window (O(L d)), graphs a batch at a time, the
+    exact expectation a batch at a time, and the memory plan's own measurement."""
+    from noisemem.budget import available_memory, plan_memory
+    from noisemem.problem import Problem
+
+    tiny = make_tiny("gelu_mlp")
+    model = tiny.model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in tiny.batches]
+    loss_fn = tiny.loss_fn
+    seq = SEQUENCES["two_epochs"] + SEQUENCES["repeats"]
+    out: dict[str, Tensor] = {}
+    for name, opt in OPTIMIZERS.items():
+        out[f"M/{name}/scan"] = memory_correction(model, loss_fn, batches, opt, seq, window="scan")
+    for name in ("heavy_ball", "adamw_eps_in_sqrt", "lion_soft"):
+        opt = OPTIMIZERS[name]
+        for window in ("online", "auto"):
+            out[f"M/{name}/{window}/grouped"] = memory_correction(
+                model, loss_fn, batches, opt, seq, window=window, graph_batches=1
+            )
+        out[f"M/{name}/scan/vmap/grouped"] = memory_correction(
+            model, loss_fn, batches, opt, seq, window="scan", hvp="vmap", graph_batches=3
+        )
+    for sampling in ("permute", "reshuffle"):
+        e = expected_correction(
+            model, loss_fn, batches, OPTIMIZERS["heavy_ball"], epochs=2, sampling=sampling,
+            graph_batches=1,
+        )  # fmt: skip
+        assert e.full_batch_part is not None and e.noise_part is not None
+        out[f"E/heavy_ball/{sampling}/grouped"] = e.mean
+        out[f"E/heavy_ball/{sampling}/grouped/noise_part"] = e.noise_part
+    problem = Problem(model, loss_fn, batches)
+    plan = plan_memory(problem, OPTIMIZERS["adamw_eps_in_sqrt"], memory_budget="1GiB")
+    # one batch's graph as measured on this device (saved tensors), the device's free memory
+    assert plan.mode == "graph" and plan.graph_bytes_per_batch is not None
+    assert plan.graph_bytes_per_batch > 0 and available_memory(problem.theta.device) > 0
+    tiny.model.to("cpu")
+    return out
+
+
+def test_scale_paths_compare_on_cpu() -> None:
+    """The harness of the CUDA test below on the CPU twice: every path runs, is repeatable,
+    and the scan and the grouped graphs agree with the default path."""
+    first, second = scale_outputs("cpu"), scale_outputs("cpu")
+    assert all(t.device.type == "cpu" and t.dtype == torch.float64 for t in first.values())
+    assert_same(first, second, 0.0)
+    tiny = make_tiny("gelu_mlp")
+    seq = SEQUENCES["two_epochs"] + SEQUENCES["repeats"]
+    for name, opt in OPTIMIZERS.items():
+        default = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
+        assert rel_err(first[f"M/{name}/scan"], default) < 1e-9
+        for key in (f"M/{name}/online/grouped", f"M/{name}/auto/grouped"):
+            if key in first:
+                assert rel_err(first[key], default) < 1e-9
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scale_paths_match_on_cuda() -> None:
+    """On CUDA the scan's blocks are cumulative sums (matrix products on the CPU), the plan
+    reads the device's free memory, and every grouped or online path must give the CPU's
+    numbers."""
+    cpu, gpu = scale_outputs("cpu"), scale_outputs("cuda")
+    assert all(t.is_cuda for t in gpu.values())
+    assert_same(gpu, cpu, 1e-9)
