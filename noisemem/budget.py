@@ -238,7 +238,10 @@ def plan_for(
         "fewer batches, or a larger memory_budget"
     )
     if vectors + flat > budget:  # said before anything is measured
-        raise ValueError(f"memory_budget={format_bytes(budget)} cannot hold {what}; {hint}")
+        raise ValueError(
+            f"memory_budget={format_bytes(budget)} cannot hold {what} and {FLAT_VECTORS} "
+            f"flat d-vectors ({format_bytes(flat)}); {hint}"
+        )
     per = problem.graph_bytes_per_batch
     room = budget - vectors - flat
     one = PEAK_FACTOR * per

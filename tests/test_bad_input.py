@@ -131,6 +131,16 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str, int]] = [
      2),
     ("negative_start_timeout", lambda t: spec(t, **{"runtime.start_timeout": -1}),
      "runtime.start_timeout=-1 is not allowed; it must be a number of seconds >= 0", 2),
+    ("bad_memory_budget", lambda t: spec(t, **{"runtime.memory_budget": "8 parsecs"}),
+     "runtime.memory_budget='8 parsecs' is not allowed; give bytes > 0 or a string such as "
+     '"8GiB" or "512 MB" (B, kB, KiB, MB, MiB, GB, GiB, TB, TiB); leave it out for what the '
+     "device has free", 2),
+    ("zero_memory_budget", lambda t: spec(t, **{"runtime.memory_budget": 0}),
+     "runtime.memory_budget=0 is not allowed; give bytes > 0 or a string such as "
+     '"8GiB" or "512 MB" (B, kB, KiB, MB, MiB, GB, GiB, TB, TiB); leave it out for what the '
+     "device has free", 2),
+    ("negative_graph_batches", lambda t: spec(t, **{"runtime.graph_batches": -1}),
+     "runtime.graph_batches=-1 is not allowed; it must be an integer >= 0", 2),
     # -- data and model (refused before Ray starts, after the data has loaded)
     ("unknown_data_source", lambda t: spec(t, **{"data.source": "imagenet-local"}),
      "data.source='imagenet-local' is not allowed; use digits, mnist1d, synthetic:cifar10, "
@@ -150,6 +160,15 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str, int]] = [
      "data.label_column='digit' is not a column; columns: ['pixels', 'label']", 2),
     ("batch_larger_than_data", lambda t: spec(t, **{"training.batch_size": 500}),
      "training.batch_size=500 is not allowed; it must be <= the number of samples (64)", 2),
+    ("memory_budget_below_one_graph", lambda t: spec(t, **{"runtime.memory_budget": "60 kB"}),
+     "runtime.memory_budget='60 kB' is too small for c000-HeavyBall-lr0.1-beta0.9: "
+     "memory_budget=58.6 KiB cannot hold the 2 (m, d) arrays of Eq. (9) for HeavyBall (m=2, "
+     "d=650, torch.float32: 10.2 KiB) plus one batch's gradient graph (5.32 KiB, x3.5 at its "
+     "peak); use window='online' (it keeps O(L d) and the graph of a few steps at a time), "
+     "fewer batches, or a larger memory_budget", 2),
+    ("more_graph_batches_than_batches", lambda t: spec(t, **{"runtime.graph_batches": 3}),
+     "runtime.graph_batches=3 is not allowed; it must be <= the batches per epoch (2 at batch "
+     "size 32), or 0 to choose from runtime.memory_budget", 2),
     ("unknown_model", lambda t: spec(t, **{"model.kind": "resnet"}),
      "model.kind='resnet' is not allowed; use gelu_mlp, cnn, softmax, resnet18 or "
      "'package.module:Factory'", 2),

@@ -10,6 +10,7 @@ import torch
 from conftest import rel_err
 
 from noisemem import (
+    budget,
     expected_correction,
     full_batch_correction,
     memory_correction,
@@ -119,6 +120,44 @@ def test_moments_do_not_depend_on_the_chunking(data):
             assert other[key].count == m.count
             assert (other[key].mean - m.mean).abs().max() <= 1e-13 * m.mean.abs().max()
             assert (other[key].m2 - m.m2).abs().max() <= 1e-11 * m.m2.abs().max()
+
+
+@pytest.mark.parametrize("by", ["user", "budget"])
+def test_a_chunk_under_a_memory_budget_equals_the_kept_graph_and_records_its_plan(data, by):
+    kept = small_spec()
+    # predictions and chunk 0 of AdamW (both of its probes' kinds: fixed and epoch-end)
+    ref_ctx, config = context(kept, data), kept.configs[1]
+    want = run_chunk(ref_ctx, config, 0)
+    ref_plan = json.loads(want["runs"][0]["memory_plan"])
+    if by == "user":
+        runtime = {"graph_batches": 1}
+    else:  # room for AdamW's (m, d) arrays, the flat vectors and 1.5 batch graphs at their peak
+        m, d = ref_ctx.problem.num_batches, ref_ctx.problem.theta.numel()
+        vectors = (
+            (budget.vector_arrays(config.optimizer, "double_backward") * m + budget.FLAT_VECTORS)
+            * d
+            * 8
+        )
+        one = budget.PEAK_FACTOR * ref_plan["graph_bytes_per_batch"]
+        runtime = {"memory_budget": int(vectors + 1.5 * one)}
+    spec = StudySpec.from_dict({**kept.raw, "runtime": {**kept.raw["runtime"], **runtime}})
+    ctx = context(spec, data)
+    got = run_chunk(ctx, spec.configs[1], 0)
+    for a, b in zip(want["moments"], got["moments"], strict=True):
+        assert (a["probe"], a["step"], a["count"]) == (b["probe"], b["step"], b["count"])
+        mean = np.asarray(a["mean"])
+        assert np.abs(np.asarray(b["mean"]) - mean).max() <= 1e-10 * np.abs(mean).max()
+    for a, b in zip(predictions(ref_ctx, config), predictions(ctx, config), strict=True):
+        assert (a["kind"], a["probe"], a["step"]) == (b["kind"], b["probe"], b["step"])
+        if a["vector"] is not None:
+            v = np.asarray(a["vector"])
+            assert np.abs(np.asarray(b["vector"]) - v).max() <= 1e-10 * max(np.abs(v).max(), 1e-300)
+    plans = {json.loads(r["memory_plan"])["mode"] for r in want["runs"]}
+    assert plans == {"graph"}
+    plan = json.loads(got["runs"][0]["memory_plan"])
+    assert plan["mode"] == "grouped" and plan["num_batches"] == 3
+    assert plan["graph_batches"] < 3
+    assert plan["chosen_by"] == by
 
 
 def test_divergent_runs_are_recorded_not_crashed(data):

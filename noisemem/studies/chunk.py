@@ -20,6 +20,7 @@ Probe points (where Eq. (9) is evaluated, at the end of every epoch e, n = e m -
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Context:
     problem: Problem
     device: str
     _references: dict[str, dict[int, Tensor | None]] = field(default_factory=dict)
+    _last_probe: Probe | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -82,6 +84,21 @@ class Context:
     @property
     def m(self) -> int:
         return self.problem.num_batches
+
+    def probe(self, at: Problem) -> Probe:
+        """A :class:`Probe` of ``at`` under the spec's ``runtime.memory_budget`` and
+        ``runtime.graph_batches``; the last one made lends its plan to :attr:`memory_plan`."""
+        r = self.spec.runtime
+        q = r.graph_batches if r.graph_batches and r.graph_batches <= at.num_batches else None
+        self._last_probe = Probe(at, memory_budget=r.memory_budget, graph_batches=q)
+        return self._last_probe
+
+    @property
+    def memory_plan(self) -> str | None:
+        """How the last probe held its graphs (``budget.MemoryPlan`` as JSON), or None."""
+        if self._last_probe is None:
+            return None
+        return json.dumps(self._last_probe.plan.as_dict(), sort_keys=True)
 
     @property
     def steps(self) -> int:
@@ -122,9 +139,9 @@ class Context:
         batch, or per sample under reshuffling. ``probe`` (a :class:`Probe` of ``at``) lends
         its batch gradients' graph to the per-batch case instead of building a second one."""
         if self.setting.sampling == "reshuffle":
-            probe = Probe(at.per_sample())
+            probe = self.probe(at.per_sample())
         elif probe is None:
-            probe = Probe(at)
+            probe = self.probe(at)
         G = probe.grads.double()
         R = float((G * G).sum(1).mean() - (G.mean(0) ** 2).sum())
         return probe.hessian_moments()[2], R
@@ -275,7 +292,7 @@ def run_chunk(
         if theta is None:  # the reference run diverged before this step
             continue
         at = ctx.problem.at(theta)
-        probe = Probe(at)
+        probe = ctx.probe(at)
         noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
         for n in steps_of:
             fb = full_batch_prediction(at, opt, n, probe)
@@ -291,7 +308,7 @@ def run_chunk(
                 if div is not None and div <= n + 1:
                     continue
                 at = ctx.problem.at(ens.epoch_thetas[e][j])
-                probe = Probe(at)
+                probe = ctx.probe(at)
                 noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
                 fb = full_batch_prediction(at, opt, n, probe)
                 measure("epoch", n, p, at, probe, run, fb, noise, anti, acc)
@@ -309,6 +326,7 @@ def run_chunk(
             seconds=seconds,
             worker=worker,
             device=ctx.device,
+            memory_plan=ctx.memory_plan,
         )
         for j, p in enumerate(indices)
     ]
@@ -364,7 +382,7 @@ def predictions(ctx: Context, config: Config) -> list[dict[str, Any]]:
         if theta is None:
             continue
         at = ctx.problem.at(theta)
-        probe = Probe(at)  # one graph of the batch gradients, shared by every prediction
+        probe = ctx.probe(at)  # one graph of the batch gradients, shared by every prediction
         cov, R = ctx.noise(at, probe)
         out.append(rows.prediction_row(config, name, None, "noise_direction", cov, {"R": R}))
         anti = anti_direction(opt, probe)

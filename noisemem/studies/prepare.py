@@ -15,6 +15,8 @@ from typing import Any
 from pyarrow import fs as pafs
 
 from noisemem import checks
+from noisemem.budget import plan_memory
+from noisemem.studies.chunk import Context
 from noisemem.studies.data import DataInfo, prepare
 from noisemem.studies.models import check_model
 from noisemem.studies.spec import SpecError, StudySpec
@@ -129,7 +131,38 @@ def load_data(spec: StudySpec) -> tuple[Any, Any, DataInfo]:
         raise SpecError(_unreadable(spec, err)) from err
     spec.check_data_size(info.num_samples)
     check_model(spec, info)
+    check_memory(spec, x, y, info)
     return x, y, info
+
+
+def check_memory(spec: StudySpec, x: Any, y: Any, info: DataInfo) -> None:
+    """With a ``runtime.memory_budget`` given, the memory plan of every config (one batch's
+    gradient graph measured here, on the CPU): a budget that cannot hold even one batch's
+    graph next to the O(m d) vectors is refused before any actor starts. Without one, each
+    actor plans for the memory its own device has free."""
+    r = spec.runtime
+    if r.memory_budget is None:
+        return
+    for setting in spec.settings:
+        ctx = Context.build(spec, x, y, info, "cpu", setting)
+        q = r.graph_batches or None
+        uses: list[tuple[Any, Any, str]] = [
+            (ctx.problem, c.optimizer, c.id) for c in spec.configs if c.setting == setting
+        ]
+        if setting.sampling == "reshuffle":  # the noise direction's per-sample probe
+            uses.append((ctx.problem.per_sample(), None, "the per-sample noise direction"))
+        for problem, optimizer, what in uses:
+            try:
+                plan_memory(
+                    problem,
+                    optimizer,
+                    memory_budget=r.memory_budget,
+                    graph_batches=q if q is None or q <= problem.num_batches else None,
+                )
+            except ValueError as err:
+                raise SpecError(
+                    f"runtime.memory_budget={r.memory_budget!r} is too small for {what}: {err}"
+                ) from err
 
 
 def _unreadable(spec: StudySpec, err: BaseException) -> str:

@@ -70,6 +70,7 @@ def run_row(spec: StudySpec, config: Config, chunk: int, p: int, **fields: Any) 
         "worker": None,
         "device": None,
         "versions": None,
+        "memory_plan": None,
     }
     row.update(fields)
     row["versions"] = versions(row["device"] or "cpu")

@@ -88,6 +88,14 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
         C("worker", pa.string(), "", "host:pid of the actor"),
         C("device", pa.string(), "", "cpu | cuda"),
         C("versions", pa.string(), "", "library versions and device name as JSON"),
+        C(
+            "memory_plan",
+            pa.string(),
+            "",
+            "how the chunk's probes held the batch gradients' graph, as JSON "
+            "(noisemem.budget.MemoryPlan: mode graph | grouped, graph_batches, budget and "
+            "estimate in bytes); null in stores written before it was recorded",
+        ),
     ),
     "steps": (
         C("config", pa.string(), "", "config id"),

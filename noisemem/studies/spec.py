@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from noisemem import checks
+from noisemem.budget import parse_budget
 from noisemem.checks import SAMPLINGS, SEED_LIMIT
 from noisemem.optim import OPTIMIZERS, Optimizer
 from noisemem.studies.plan import auto_chunk_size, run_work
@@ -421,6 +422,11 @@ class RuntimeSpec:
     dtype: str = "float32"
     start_timeout: float = 300.0  # seconds to wait for the first actor (an autoscaling
     # cluster growing); a cluster this process started never grows: refused at once
+    # bytes each actor's probes may hold (None: what the device has free), and batches per
+    # graph of the batch gradients (0: as many as the budget allows); results do not depend
+    # on either (not in the digest): a study may resume under another budget
+    memory_budget: int | str | None = None
+    graph_batches: int = 0
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> RuntimeSpec:
@@ -444,7 +450,23 @@ class RuntimeSpec:
                 allowed="it must be a number of seconds >= 0",
                 error=SpecError,
             ),
+            memory_budget=_memory_budget(r["memory_budget"]),
+            graph_batches=_int("runtime.graph_batches", r["graph_batches"], 0),
         )
+
+
+def _memory_budget(value: object) -> int | str | None:
+    """``runtime.memory_budget`` as written (bytes or a string such as ``"8GiB"``), checked."""
+    try:
+        parse_budget(value)
+    except ValueError:
+        raise _fail(
+            "runtime.memory_budget",
+            value,
+            'give bytes > 0 or a string such as "8GiB" or "512 MB" (B, kB, KiB, MB, MiB, '
+            "GB, GiB, TB, TiB); leave it out for what the device has free",
+        ) from None
+    return value  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -591,6 +613,15 @@ class StudySpec:
                     b,
                     f"it must be <= the number of samples ({num_samples})",
                 )
+        q = self.runtime.graph_batches
+        fewest = num_samples // max(self.training.batch_size)
+        if q > fewest:
+            raise _fail(
+                "runtime.graph_batches",
+                q,
+                f"it must be <= the batches per epoch ({fewest} at batch size "
+                f"{max(self.training.batch_size)}), or 0 to choose from runtime.memory_budget",
+            )
 
     @property
     def settings(self) -> tuple[Setting, ...]:
