@@ -11,6 +11,11 @@ from torch import Tensor, nn
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per test process: the workers share the machine's cores, and the
+    # tiny problems gain nothing from threads that contend with the other worker
+    torch.set_num_threads(1)
+
 
 class Tiny:
     """A model, its loss and equal-size float64 batches."""
