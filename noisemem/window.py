@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +53,7 @@ from torch.func import jvp
 
 from noisemem import fused as fused_kernel
 from noisemem.memory import decay_filter, decay_weights, memory_weights, truncation_horizon
-from noisemem.optim import Optimizer, Source
+from noisemem.optim import MomentumVariable, Optimizer, Source
 from noisemem.probe import BatchGraph, HvpRequest, Probe, rows_of, weighted_row_sum
 
 #: at most this many numbers (window rows x d, summed over variables) are held at once
@@ -290,6 +290,20 @@ def scan_vectors(
     # m^(n+1): the states through step n-1, then step n itself
     g_n = G[int(sig[n])] if grad_sources else None
     b_n = w.scales[:, -1]
+    m_last = step_momenta(variables, states, g_n, theta, b_n)
+    return W, m_last
+
+
+def step_momenta(
+    variables: Sequence[MomentumVariable],
+    states: Sequence[Tensor],
+    g_n: Tensor | None,
+    theta: Tensor,
+    b_n: Tensor,
+) -> list[Tensor]:
+    """m^(n+1): each variable's state through step n-1 (``states``), then step n itself
+    with the last batch's gradient ``g_n`` (None where no source uses a gradient), scaled
+    by ``b_n``."""
     m_last = []
     for l, v in enumerate(variables):
         if v.source is Source.PARAM:
@@ -299,7 +313,7 @@ def scan_vectors(
             x = v.source.value(g_n, theta)
         S = x if v.beta == 0.0 else v.beta * states[l] + x
         m_last.append(float(b_n[l]) * S)
-    return W, m_last
+    return m_last
 
 
 #: None: the scan's blocks are matrix products on a CPU, cumulative sums elsewhere;
@@ -809,15 +823,7 @@ def online(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     if any(v.source.uses_grad for v in variables):
         last_batch = slice(int(sig[n]), int(sig[n]) + 1)
         g_n = torch.cat(problem.shared_batch_grads(leaves, last_batch), 1)[0]
-    m_last = []
-    for l, v in enumerate(variables):
-        if v.source is Source.PARAM:
-            x = theta
-        else:
-            assert g_n is not None
-            x = v.source.value(g_n, theta)
-        S = x if v.beta == 0.0 else v.beta * states[l] + x
-        m_last.append(float(b_n[l]) * S)
+    m_last = step_momenta(variables, states, g_n, theta, b_n)
     tangent_args = tuple(float(b_n[l]) * z[l] for l in range(len(variables)))
     _, dphi = jvp(optimizer.phi, tuple(m_last), tangent_args)
     return optimizer.lr * dphi
