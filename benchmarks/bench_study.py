@@ -6,11 +6,15 @@
 2. The whole study on a local Ray cluster (1 actor) against the same chunks and predictions
    computed in this process without Ray (target: Ray overhead <= 15%).
 3. The study with 2 actors against 1 actor on 2 CPUs (target >= 1.6x).
+4. CPU seconds per permutation of the study's work (every chunk and the predictions, in this
+   process) against a hand-written loop: torch.optim.SGD(momentum) over the same batch order
+   calling noisemem.memory_correction at the same probes (M^(n) at initialisation and at the
+   run's own parameters after each epoch), on ``--hand`` permutations (target >= 4x).
 
 Parts 2 and 3 are repeated ``--rounds`` times (in-process, Ray 1 actor, Ray 2 actors in each
 round) and print medians with their ranges: single runs on these machines vary by 20%.
 
-Usage: python benchmarks/bench_study.py [--permutations 256] [--rounds 3]
+Usage: python benchmarks/bench_study.py [--permutations 256] [--rounds 3] [--hand 8] [--no-ray]
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import time
 import ray
 import torch
 
+from noisemem import memory_correction
+from noisemem.expectation import SampledRun
+from noisemem.optim import HeavyBall
 from noisemem.studies.chunk import Context, predictions, run_chunk, train_ensemble
 from noisemem.studies.data import prepare
 from noisemem.studies.driver import launch
@@ -59,10 +66,45 @@ def torch_one_by_one(ctx: Context, runs: list, lr: float, beta: float) -> float:
     return time.perf_counter() - t0
 
 
+def hand_loop(ctx: Context, run: SampledRun, optimizer: HeavyBall, probe_steps: list[int]) -> None:
+    """One permutation as a user would write it: torch.optim training, and Eq. (9) by
+    memory_correction at initialisation and at the run's own parameters after each epoch."""
+    initial = copy.deepcopy(ctx.model)
+    model = copy.deepcopy(ctx.model)
+    sgd = torch.optim.SGD(model.parameters(), lr=optimizer.lr, momentum=optimizer.beta)
+    batches = [(ctx.problem.X[i], ctx.problem.Y[i]) for i in range(ctx.problem.num_batches)]
+    sequence = [int(i) for i in run.sequence]
+    for n, i in enumerate(sequence):
+        x, y = batches[i]
+        sgd.zero_grad()
+        ctx.problem.loss_fn(model(x), y).backward()
+        sgd.step()
+        if n in probe_steps:
+            for at in (initial, model):
+                memory_correction(at, ctx.problem.loss_fn, batches, optimizer, sequence[: n + 1])
+
+
+def cpu_per_permutation(ctx: Context, spec: StudySpec, hand: int) -> tuple[float, float]:
+    """(study, hand loop) CPU seconds per permutation, in this process."""
+    config = spec.configs[0]
+    t0 = time.process_time()
+    for chunk in range(Chunks.of(spec).count):
+        run_chunk(ctx, config, chunk)
+    predictions(ctx, config)
+    study = (time.process_time() - t0) / spec.training.permutations
+    steps = ctx.probe_steps()
+    t0 = time.process_time()
+    for p in range(hand):
+        hand_loop(ctx, ctx.run(p), config.optimizer, steps)  # type: ignore[arg-type]
+    return study, (time.process_time() - t0) / hand
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--permutations", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hand", type=int, default=8, help="permutations of the hand loop")
+    parser.add_argument("--no-ray", action="store_true", help="parts 1 and 4 only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     keep_freed_memory()  # as the study actors do (see noisemem.system)
@@ -91,6 +133,19 @@ def main() -> None:
         f"{statistics.median(ratios):.2f}x (median of 5 pairs; last {t_loop:.2f} s vs "
         f"{t_vmap:.2f} s)   target >= 3"
     )
+
+    # 4. the study's CPU per permutation against the hand-written loop, paired rounds
+    cpu = [cpu_per_permutation(ctx, spec, args.hand) for _ in range(max(args.rounds, 1))]
+    gains = [hand / study for study, hand in cpu]
+    print(
+        f"CPU per permutation ({spec.training.epochs} epochs, probes at init and each epoch "
+        f"end): study {statistics.median(c[0] for c in cpu) * 1e3:.0f} ms, hand-written "
+        f"torch.optim + memory_correction loop {statistics.median(c[1] for c in cpu) * 1e3:.0f}"
+        f" ms -> {statistics.median(gains):.2f}x (median of {len(gains)} rounds, range "
+        f"{min(gains):.2f}-{max(gains):.2f})   target >= 4"
+    )
+    if args.no_ray:
+        return
 
     # 2. and 3., repeated (--rounds) because these machines are noisy: each round times the
     # same work without Ray, in this process (1 thread, like a 1-CPU actor: load the data,
