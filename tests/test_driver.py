@@ -24,7 +24,8 @@ from noisemem.studies.store import (
 )
 from noisemem.studies.tables import load
 
-TIMING = ["seconds", "worker"]
+#: columns that describe the machine a chunk ran on, not its results
+TIMING = ["seconds", "worker", "memory_plan"]
 
 RAW = {
     "name": "ray_small",

@@ -24,7 +24,8 @@ from noisemem.studies.spec import StudySpec
 from noisemem.studies.store import Store
 from noisemem.studies.tables import inspect, load
 
-TIMING = ["seconds", "worker"]
+#: columns that describe the machine a chunk ran on, not its results
+TIMING = ["seconds", "worker", "memory_plan"]
 TABLES = ("runs", "steps", "corrections", "moments", "predictions")
 
 RAW = {

@@ -645,7 +645,10 @@ class StudySpec:
         out["probes"] = {**dataclasses.asdict(self.probes)}
         out["probes"]["reference_steps"] = list(self.probes.reference_steps)
         out["record"] = dataclasses.asdict(self.record)
-        out["runtime"] = dataclasses.asdict(self.runtime)
+        # None (memory_budget: the device's free memory) is left out: TOML has no null
+        out["runtime"] = {
+            k: v for k, v in dataclasses.asdict(self.runtime).items() if v is not None
+        }
         return out
 
     def resolved(self) -> dict[str, Any]:
