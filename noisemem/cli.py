@@ -43,7 +43,10 @@ def comparison(path: str) -> str:
     table = comparison_table(tables)
     if len(table):
         table = table[[is_fixed(p) for p in table["probe"]]]
-    text = ["E[M] at fixed points (Monte Carlo vs exact vs full-batch prediction):"]
+    text = [
+        "E[M] at fixed points (Monte Carlo vs the exact expectation, the full-batch and the "
+        "noise-aware predictions):"
+    ]
     text.append(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     epochs = epoch_summary(tables)
     if len(epochs):

@@ -11,7 +11,7 @@ import torch
 from scipy import stats as sps
 
 import noisemem
-from noisemem.analysis.compare import agreement, noise_parts, prediction_fits
+from noisemem.analysis.compare import agreement, comparison_table, noise_parts, prediction_fits
 from noisemem.analysis.results import analyse
 from noisemem.studies.data import prepare, split_batches
 from noisemem.studies.models import initial_parameters, spec_model
@@ -131,6 +131,28 @@ def test_every_prediction_of_e_m_is_compared(known):
         assert r.cos_low <= r.cos <= r.cos_high <= 1
         se = jackknife_se(chunks, lambda y, v=v: float(y.mean(0) @ v / (v @ v)))
         assert r.proj_high - r.proj_low == pytest.approx(2 * sps.t.ppf(0.975, 3) * se, rel=1e-9)
+
+
+def test_the_comparison_table_reads_the_noise_aware_prediction(tmp_path):
+    rng = np.random.default_rng(3)
+    mu = rng.normal(size=D)
+    chunks = draws(rng, mu, np.full(D, 0.5), 4, 16)
+    config = "c000-HeavyBall-lr0.1-beta0.9"
+    aware = mu + rng.normal(scale=0.05, size=D)
+    full_batch = mu + rng.normal(scale=0.5, size=D)
+    preds = [
+        stores.prediction_row(config, "full_batch", full_batch),
+        stores.prediction_row(config, "noise_aware_mean", aware),
+    ]
+    uri, _ = stores.synthetic(tmp_path, {config: chunks}, {config: preds}, raw=RAW)
+    (row,) = comparison_table(load(uri)).to_dict("records")
+    mean = np.concatenate(chunks).mean(0)
+    for name, v in (("full-batch", full_batch), ("noise-aware", aware)):
+        cos = mean @ v / np.linalg.norm(mean) / np.linalg.norm(v)
+        assert row[f"cos(MC, {name})"] == pytest.approx(cos, rel=1e-12)
+        rel = np.linalg.norm(mean - v) / np.linalg.norm(v)
+        assert row[f"rel(MC - {name})"] == pytest.approx(rel, rel=1e-9)
+    assert np.isnan(row["|E[M]| exact"])  # no exact expectation stored
 
 
 def test_noise_part_and_its_coefficient_along_cov(known):

@@ -423,9 +423,11 @@ def comparison(
     exact: np.ndarray | None = None,
     full_batch: np.ndarray | None = None,
     noise_part: np.ndarray | None = None,
+    noise_aware: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The comparison columns for one Monte Carlo E[M] (``mean``, ``stderr`` over ``count``
-    orders) against the predictions given (None: not available, NaN columns)."""
+    orders) against the predictions given (None: not available, NaN columns); ``rel``
+    columns are |MC - prediction| / |prediction|."""
     z = None
     if exact is not None:
         z = (mean - exact) / np.where(stderr > 0, stderr, np.inf)
@@ -443,6 +445,14 @@ def comparison(
             else NAN
         ),
         "|noise part| exact": float(np.linalg.norm(noise_part)) if noise_part is not None else NAN,
+        "cos(MC, noise-aware)": (
+            engine_cosine(mean, noise_aware) if noise_aware is not None else NAN
+        ),
+        "rel(MC - noise-aware)": (
+            float(np.linalg.norm(mean - noise_aware) / np.linalg.norm(noise_aware))
+            if noise_aware is not None
+            else NAN
+        ),
     }
 
 
@@ -464,6 +474,7 @@ def comparison_table(tables: StudyTables) -> pd.DataFrame:
                     exact=preds.vector(*key, "exact_mean"),
                     full_batch=preds.vector(*key, "full_batch"),
                     noise_part=preds.vector(*key, "exact_noise_part"),
+                    noise_aware=preds.vector(*key, "noise_aware_mean"),
                 ),
             }
         )
