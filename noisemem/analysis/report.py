@@ -199,22 +199,45 @@ def _figure(data: bytes | None, alt: str, caption: str, figure_id: str) -> str:
 
 def render(a: Analysis, spec_text: str | None, chunks: int) -> str:
     """The report as one HTML document (numbers from ``a``; ``spec_text`` the store's
-    ``study.toml``)."""
-    t = a.tables
-    m = t.manifest
-    name = str(m.get("study", "study"))
+    ``study.toml``), section by section in the order of the navigation bar."""
+    name = str(a.tables.manifest.get("study", "study"))
+    body = [
+        _head(a, name),
+        _claims_section(a),
+        _status_section(a, chunks),
+        _exact_section(a),
+        _predictions_section(a),
+        _noise_section(a),
+        _sweeps_section(a),
+        _figure1_section(a),
+        _own_section(a),
+        _convergence_section(a),
+        _spec_section(spec_text),
+        _versions_section(a),
+        _assumptions_section(),
+        _columns_section(),
+    ]
+    return H.document(f"noisemem study {name}", "".join(body))
+
+
+def _head(a: Analysis, name: str) -> str:
+    """The title, the store, the version and the navigation bar."""
     try:
         version = metadata.version("noisemem")
     except metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
         version = "unknown"
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     nav = "<nav>" + "".join(f'<a href="#{k}">{H.esc(v)}</a>' for k, v in SECTIONS_NAV) + "</nav>"
-    head = (
+    return (
         f"<h1>noisemem study <code>{H.esc(name)}</code></h1>"
         f'<p class="note">Store {H.esc(a.uri)}; report by noisemem {H.esc(version)}, {when}. '
         'Every column is explained in the <a href="#columns">column reference</a>; every '
         f"number is also in <code>{SUMMARY}</code> beside this file.</p>{nav}"
     )
+
+
+def _claims_section(a: Analysis) -> str:
+    """Each claim of the paper with its evidence and verdict."""
     shown = a.claims.assign(claim=a.claims["statement"] + " (" + a.claims["source"] + ")")
     claims_html = H.grouped_table(
         shown[["claim", "subject", "evidence", "verdict"]],
@@ -223,6 +246,12 @@ def render(a: Analysis, spec_text: str | None, chunks: int) -> str:
         group=("claim",),
         classes=[v.replace(" ", "-") for v in a.claims["verdict"]],
     )
+    return _section("claims", "The paper's claims next to the numbers", claims_html)
+
+
+def _status_section(a: Analysis, chunks: int) -> str:
+    """What the store holds; diverged runs and failed chunks."""
+    t = a.tables
     status_html, facts = _status(a, chunks)
     diverged = t.runs[t.runs["status"] == "diverged"] if len(t.runs) else t.runs
     diverged_html = (
@@ -244,214 +273,258 @@ def render(a: Analysis, spec_text: str | None, chunks: int) -> str:
             f"Runs of failed chunks ({len(failed)})",
             text_columns=("error",),
         )
+    return _section(
+        "status",
+        "What the store holds",
+        H.table(facts, "status-table", "The store", text_columns=("what", "value")),
+        status_html,
+        diverged_html,
+        failed_html,
+    )
+
+
+def _exact_section(a: Analysis) -> str:
+    """Monte Carlo E[M] against the exact expectation."""
+    t = a.tables
+    return _section(
+        "exact",
+        "Monte Carlo E[M] against the exact expectation",
+        _frame_or_note(
+            a.agreement,
+            "agreement",
+            "z-scores of MC E[M] against the exact expectation (heavy ball, Nesterov)",
+            "No exact expectation in this store (only heavy ball and Nesterov have one).",
+        ),
+        _figure(
+            figures.coordinates(t),
+            "measured vs predicted coordinates",
+            "MC E[M] against the prediction, coordinate by coordinate (exact, else "
+            "noise-aware, else full-batch; 2-SE bars), first fixed probe, last step.",
+            "figure-coordinates",
+        ),
+    )
+
+
+def _predictions_section(a: Analysis) -> str:
+    """How much of E[M] each prediction explains."""
+    return _section(
+        "predictions",
+        "How much of E[M] each prediction explains",
+        _frame_or_note(
+            a.fits,
+            "prediction-fits",
+            "MC E[M] against every prediction stored beside it",
+            "No predictions at fixed probes in this store.",
+        ),
+    )
+
+
+def _noise_section(a: Analysis) -> str:
+    """The noise part and the variance regularizer R."""
+    return _section(
+        "noise",
+        "The noise part against the full-batch part, and the variance regularizer R",
+        _frame_or_note(
+            a.noise,
+            "noise-parts",
+            "Noise part = MC E[M] - full-batch prediction; R = E|g_i - g|^2",
+            "No full-batch predictions in this store.",
+        ),
+    )
+
+
+def _sweeps_section(a: Analysis) -> str:
+    """Trends across sweeps (batch size, beta, beta2 - beta1) next to their laws."""
+    return _section(
+        "sweeps",
+        "Trends across sweeps, next to their laws",
+        "<h3>Batch size: the without-replacement law</h3>",
+        _frame_or_note(
+            a.batch,
+            "batch-size",
+            "Noise part and R across batch sizes",
+            "No batch-size sweep in this store.",
+        ),
+        _figure(
+            figures.batch_size_figure(a.batch),
+            "noise part vs batch size",
+            "Noise part (MC with 95% intervals; exact where it exists) and R against "
+            "the batch size, with the law (N-b)/(b(N-1)) fitted by one scale.",
+            "figure-batch-size",
+        ),
+        _frame_or_note(
+            a.batch_predictions,
+            "batch-size-predictions",
+            "How far each prediction is from MC E[M] across batch sizes "
+            "(the full-batch one ignores the noise)",
+            "No predictions in a batch-size sweep of this store.",
+        ),
+        "<h3>Heavy ball's beta: exact finite-n and large-n noise coefficients</h3>",
+        _frame_or_note(
+            a.beta,
+            "beta",
+            "The noise coefficient across beta",
+            "No sweep of heavy ball's beta in this store.",
+        ),
+        _figure(
+            figures.beta_figure(a.beta),
+            "noise coefficient vs beta",
+            "Exact finite-n, the paper's large-n and the measured noise coefficient.",
+            "figure-beta",
+        ),
+        "<h3>AdamW's anti-regularization (Sec. 4) and Lion</h3>",
+        _frame_or_note(
+            a.anti,
+            "anti-regularization",
+            "E[M] along d = grad ||grad L||_{1,eps}",
+            "This store has no anti_regularization predictions "
+            "(the direction d): the sign of E[M] along d is not measurable "
+            "from it.",
+        ),
+        _frame_or_note(
+            a.run_anti,
+            "run-anti-regularization",
+            "Per-run projections on d (corrections.proj_anti)",
+            "No per-run projections on d (corrections.proj_anti) in this store.",
+        ),
+        _figure(
+            figures.anti_regularization_figure(a.anti),
+            "anti-regularization",
+            "<E[M], d>/|d| against a2 - a1 (Lemma K.2).",
+            "figure-anti",
+        ),
+    )
+
+
+def _figure1_section(a: Analysis) -> str:
+    """Figure 1: slopes, regimes and the l_inf distances."""
+    t = a.tables
     dist = figure1.linf_distances(t)
     fam = figure1.figure1_families(t)
-    body = [
-        head,
-        _section("claims", "The paper's claims next to the numbers", claims_html),
-        _section(
-            "status",
-            "What the store holds",
-            H.table(facts, "status-table", "The store", text_columns=("what", "value")),
-            status_html,
-            diverged_html,
-            failed_html,
+    return _section(
+        "figure1",
+        "Figure 1: distance to the memoryless runs against h",
+        _frame_or_note(
+            a.f1_slopes,
+            "figure1-slopes",
+            "Log-log slopes of the largest l_inf distance against h (mean over permutations)",
+            "No family of configs differing only in lr with l_inf distances in this store.",
         ),
-        _section(
-            "exact",
-            "Monte Carlo E[M] against the exact expectation",
-            _frame_or_note(
-                a.agreement,
-                "agreement",
-                "z-scores of MC E[M] against the exact expectation (heavy ball, Nesterov)",
-                "No exact expectation in this store (only heavy ball and Nesterov have one).",
-            ),
-            _figure(
-                figures.coordinates(t),
-                "measured vs predicted coordinates",
-                "MC E[M] against the prediction, coordinate by coordinate (exact, else "
-                "noise-aware, else full-batch; 2-SE bars), first fixed probe, last step.",
-                "figure-coordinates",
-            ),
+        _frame_or_note(
+            a.f1_regimes,
+            "figure1-regimes",
+            "Per config: memory, horizon, and when the second-order run is closer",
+            "No l_inf distances (record.memoryless) in this store.",
+            text_columns=("behaviour", "memory_regime", "family"),
         ),
-        _section(
-            "predictions",
-            "How much of E[M] each prediction explains",
-            _frame_or_note(
-                a.fits,
-                "prediction-fits",
-                "MC E[M] against every prediction stored beside it",
-                "No predictions at fixed probes in this store.",
-            ),
+        _figure(
+            figures.linf_vs_step(dist, fam),
+            "l_inf distance vs step",
+            "l_inf distance of the memoryful run to the first-order (solid) and "
+            "second-order (dashed) memoryless runs, mean over permutations.",
+            "figure-linf-step",
         ),
-        _section(
-            "noise",
-            "The noise part against the full-batch part, and the variance regularizer R",
-            _frame_or_note(
-                a.noise,
-                "noise-parts",
-                "Noise part = MC E[M] - full-batch prediction; R = E|g_i - g|^2",
-                "No full-batch predictions in this store.",
-            ),
+        _figure(
+            figures.linf_vs_h(a.f1_points, a.f1_slopes),
+            "l_inf distance vs h",
+            "Largest distance over the horizon against h, one point per permutation, "
+            "with the fitted slopes and their 95% intervals.",
+            "figure-linf-h",
         ),
-        _section(
-            "sweeps",
-            "Trends across sweeps, next to their laws",
-            "<h3>Batch size: the without-replacement law</h3>",
-            _frame_or_note(
-                a.batch,
-                "batch-size",
-                "Noise part and R across batch sizes",
-                "No batch-size sweep in this store.",
-            ),
-            _figure(
-                figures.batch_size_figure(a.batch),
-                "noise part vs batch size",
-                "Noise part (MC with 95% intervals; exact where it exists) and R against "
-                "the batch size, with the law (N-b)/(b(N-1)) fitted by one scale.",
-                "figure-batch-size",
-            ),
-            _frame_or_note(
-                a.batch_predictions,
-                "batch-size-predictions",
-                "How far each prediction is from MC E[M] across batch sizes "
-                "(the full-batch one ignores the noise)",
-                "No predictions in a batch-size sweep of this store.",
-            ),
-            "<h3>Heavy ball's beta: exact finite-n and large-n noise coefficients</h3>",
-            _frame_or_note(
-                a.beta,
-                "beta",
-                "The noise coefficient across beta",
-                "No sweep of heavy ball's beta in this store.",
-            ),
-            _figure(
-                figures.beta_figure(a.beta),
-                "noise coefficient vs beta",
-                "Exact finite-n, the paper's large-n and the measured noise coefficient.",
-                "figure-beta",
-            ),
-            "<h3>AdamW's anti-regularization (Sec. 4) and Lion</h3>",
-            _frame_or_note(
-                a.anti,
-                "anti-regularization",
-                "E[M] along d = grad ||grad L||_{1,eps}",
-                "This store has no anti_regularization predictions "
-                "(the direction d): the sign of E[M] along d is not measurable "
-                "from it.",
-            ),
-            _frame_or_note(
-                a.run_anti,
-                "run-anti-regularization",
-                "Per-run projections on d (corrections.proj_anti)",
-                "No per-run projections on d (corrections.proj_anti) in this store.",
-            ),
-            _figure(
-                figures.anti_regularization_figure(a.anti),
-                "anti-regularization",
-                "<E[M], d>/|d| against a2 - a1 (Lemma K.2).",
-                "figure-anti",
-            ),
+    )
+
+
+def _own_section(a: Analysis) -> str:
+    """Corrections at each run's own parameters after each epoch."""
+    t = a.tables
+    return _section(
+        "own",
+        "Corrections at each run's own parameters (end of each epoch)",
+        _frame_or_note(
+            a.epoch,
+            "epoch-corrections",
+            "Mean over runs with t intervals",
+            "No epoch-end probes in this store.",
         ),
-        _section(
-            "figure1",
-            "Figure 1: distance to the memoryless runs against h",
-            _frame_or_note(
-                a.f1_slopes,
-                "figure1-slopes",
-                "Log-log slopes of the largest l_inf distance against h (mean over permutations)",
-                "No family of configs differing only in lr with l_inf distances in this store.",
-            ),
-            _frame_or_note(
-                a.f1_regimes,
-                "figure1-regimes",
-                "Per config: memory, horizon, and when the second-order run is closer",
-                "No l_inf distances (record.memoryless) in this store.",
-                text_columns=("behaviour", "memory_regime", "family"),
-            ),
-            _figure(
-                figures.linf_vs_step(dist, fam),
-                "l_inf distance vs step",
-                "l_inf distance of the memoryful run to the first-order (solid) and "
-                "second-order (dashed) memoryless runs, mean over permutations.",
-                "figure-linf-step",
-            ),
-            _figure(
-                figures.linf_vs_h(a.f1_points, a.f1_slopes),
-                "l_inf distance vs h",
-                "Largest distance over the horizon against h, one point per permutation, "
-                "with the fitted slopes and their 95% intervals.",
-                "figure-linf-h",
-            ),
+        _figure(
+            figures.loss_figure(t),
+            "batch loss",
+            "Batch loss, mean over permutations.",
+            "figure-loss",
         ),
-        _section(
-            "own",
-            "Corrections at each run's own parameters (end of each epoch)",
-            _frame_or_note(
-                a.epoch,
-                "epoch-corrections",
-                "Mean over runs with t intervals",
-                "No epoch-end probes in this store.",
-            ),
-            _figure(
-                figures.loss_figure(t),
-                "batch loss",
-                "Batch loss, mean over permutations.",
-                "figure-loss",
-            ),
+    )
+
+
+def _convergence_section(a: Analysis) -> str:
+    """Convergence of the Monte Carlo estimate in P, and the short comparison."""
+    t = a.tables
+    return _section(
+        "convergence",
+        "Convergence of the Monte Carlo estimate in P",
+        _figure(
+            figures.convergence(t),
+            "convergence in P",
+            "E[M] along its reference direction as chunks are merged, with the "
+            "1/sqrt(P) band of the final standard error (95%).",
+            "figure-convergence",
         ),
-        _section(
-            "convergence",
-            "Convergence of the Monte Carlo estimate in P",
-            _figure(
-                figures.convergence(t),
-                "convergence in P",
-                "E[M] along its reference direction as chunks are merged, with the "
-                "1/sqrt(P) band of the final standard error (95%).",
-                "figure-convergence",
+        H.table(comparison_table(t), "comparison", "The short comparison of noisemem show")
+        if len(t.moments)
+        else "",
+    )
+
+
+def _spec_section(spec_text: str | None) -> str:
+    """The resolved spec as the store holds it."""
+    return _section(
+        "spec",
+        "The resolved spec (study.toml)",
+        f"<pre>{H.esc(spec_text or 'no study.toml in this store')}</pre>",
+    )
+
+
+def _versions_section(a: Analysis) -> str:
+    """The library versions the runs recorded."""
+    t = a.tables
+    return _section(
+        "versions",
+        "Library versions of the runs",
+        _frame_or_note(
+            _versions(t.runs),
+            "versions-table",
+            "runs.versions",
+            "No runs with recorded versions.",
+            text_columns=("library", "version"),
+        ),
+    )
+
+
+def _assumptions_section() -> str:
+    """What the analysis assumed."""
+    return _section("assumptions", "What the analysis assumed", H.items(ASSUMPTIONS))
+
+
+def _columns_section() -> str:
+    """The column reference of the store's tables and of summary.parquet."""
+    return _section(
+        "columns",
+        "Column reference",
+        "<p>The store's tables (noisemem.studies.schema.reference()):</p>",
+        H.markdown_tables(reference(), "columns-"),
+        f"<p><code>{SUMMARY}</code>:</p>",
+        H.table(
+            pd.DataFrame(
+                [(c, str(ty), m_) for c, ty, m_ in SUMMARY_COLUMNS],
+                columns=["column", "type", "meaning"],
             ),
-            H.table(comparison_table(t), "comparison", "The short comparison of noisemem show")
-            if len(t.moments)
-            else "",
+            "columns-summary",
+            SUMMARY,
+            text_columns=("column", "type", "meaning"),
         ),
-        _section(
-            "spec",
-            "The resolved spec (study.toml)",
-            f"<pre>{H.esc(spec_text or 'no study.toml in this store')}</pre>",
-        ),
-        _section(
-            "versions",
-            "Library versions of the runs",
-            _frame_or_note(
-                _versions(t.runs),
-                "versions-table",
-                "runs.versions",
-                "No runs with recorded versions.",
-                text_columns=("library", "version"),
-            ),
-        ),
-        _section("assumptions", "What the analysis assumed", H.items(ASSUMPTIONS)),
-        _section(
-            "columns",
-            "Column reference",
-            "<p>The store's tables (noisemem.studies.schema.reference()):</p>",
-            H.markdown_tables(reference(), "columns-"),
-            f"<p><code>{SUMMARY}</code>:</p>",
-            H.table(
-                pd.DataFrame(
-                    [(c, str(ty), m_) for c, ty, m_ in SUMMARY_COLUMNS],
-                    columns=["column", "type", "meaning"],
-                ),
-                "columns-summary",
-                SUMMARY,
-                text_columns=("column", "type", "meaning"),
-            ),
-            "<p>The analysis tables' columns are described in the docstrings of "
-            "noisemem.analysis.compare, .laws and .figure1; x_low and x_high are the 95% "
-            "interval of x.</p>",
-        ),
-    ]
-    return H.document(f"noisemem study {name}", "".join(body))
+        "<p>The analysis tables' columns are described in the docstrings of "
+        "noisemem.analysis.compare, .laws and .figure1; x_low and x_high are the 95% "
+        "interval of x.</p>",
+    )
 
 
 def _last_line(error: str) -> str:
