@@ -69,6 +69,15 @@ def _grid(plt: Any, count: int, width: float = 3.2, height: float = 2.6) -> tupl
     return fig, flat[:count]
 
 
+def _interval_bars(
+    ax: Any, x: np.ndarray, g: pd.DataFrame, column: str, color: str, label: str
+) -> None:
+    """Squares at ``g[column]`` with bars to its 95% interval (``column_low``/``_high``)."""
+    y = g[column].to_numpy(float)
+    err = np.vstack([y - g[f"{column}_low"], g[f"{column}_high"] - y])
+    ax.errorbar(x, y, yerr=err, fmt="s", color=color, ms=4, capsize=2, label=label)
+
+
 def _last_fixed_keys(tables: StudyTables) -> list[tuple[str, str, int]]:
     """Per config, its first fixed probe (``init`` first) at its last probe step."""
     keys: dict[str, tuple[str, str, int]] = {}
@@ -183,18 +192,7 @@ def batch_size_figure(trend: pd.DataFrame) -> bytes | None:
         for i, (family, g) in enumerate(t.groupby("family", sort=True)):
             color = f"C{i % 10}"
             b = g["batch_size"].to_numpy(float)
-            mc = g["noise_mc"].to_numpy(float)
-            err = np.vstack([mc - g["noise_mc_low"], g["noise_mc_high"] - mc])
-            ax1.errorbar(
-                b,
-                mc,
-                yerr=err,
-                fmt="s",
-                color=color,
-                ms=4,
-                capsize=2,
-                label=f"MC: {short(family, 50)}",
-            )
+            _interval_bars(ax1, b, g, "noise_mc", color, f"MC: {short(family, 50)}")
             if g["noise_exact"].notna().any():
                 ax1.plot(b, g["noise_exact"], "o", mfc="none", color=color, label="exact")
             ax1.plot(b, g["noise_law"], "-", color=color, lw=1, label=f"law ({g['law'].iloc[0]})")
@@ -236,18 +234,7 @@ def beta_figure(trend: pd.DataFrame) -> bytes | None:
                 color=color,
                 label="beta/((1-beta)^2(1+beta)) (large n)",
             )
-            mc = g["c_noise_mc"].to_numpy(float)
-            err = np.vstack([mc - g["c_noise_mc_low"], g["c_noise_mc_high"] - mc])
-            ax.errorbar(
-                beta,
-                mc,
-                yerr=err,
-                fmt="s",
-                color=color,
-                ms=4,
-                capsize=2,
-                label=f"MC: {short(family, 40)}",
-            )
+            _interval_bars(ax, beta, g, "c_noise_mc", color, f"MC: {short(family, 40)}")
         ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("beta")
         ax.set_ylabel("noise coefficient c_noise")
