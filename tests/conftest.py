@@ -81,3 +81,16 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory):
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+class CountingModel(nn.Module):
+    """Counts its forward calls: bad input must be refused before the model ever runs."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.inner(x)

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import Tiny, make_tiny, rel_err
+from conftest import CountingModel, Tiny, make_tiny, rel_err
 from oracles import literal_correction
 from torch import nn
 
@@ -201,19 +201,6 @@ def test_result_is_flat_float64_and_model_is_untouched():
     M = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, OPTIMIZERS["heavy_ball"], [0, 1])
     assert M.shape == before.shape and M.dtype == torch.float64
     assert torch.equal(before, tiny.theta)
-
-
-class CountingModel(nn.Module):
-    """Counts its forward calls: bad input must be refused before the model ever runs."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.inner(x)
 
 
 BAD_INPUT = [

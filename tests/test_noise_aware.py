@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from conftest import Tiny, make_tiny, rel_err
+from conftest import CountingModel, Tiny, make_tiny, rel_err
 from oracles import batch_gradient, flat_loss
-from torch import nn
 
 from noisemem import expected_correction, full_batch_correction, memory_correction
 from noisemem.expectation import pair_coefficients
@@ -453,19 +452,6 @@ def test_anti_regularization_direction_is_the_gradient_of_the_one_eps_norm():
 
 
 # -- bad arguments, named before the model runs --------------------------------------------
-class CountingModel(nn.Module):
-    """Counts its forward calls: bad input must be refused before the model ever runs."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.inner(x)
-
-
 @dataclass(frozen=True)
 class PhiOnly(Optimizer):
     """An optimizer without a closed form (Phi given as a function only)."""

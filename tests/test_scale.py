@@ -152,7 +152,7 @@ def test_a_probe_reports_its_plan_and_groups_follow_the_budget():
 
 
 def test_when_the_vectors_do_not_fit_the_error_names_the_sizes_before_any_work():
-    from test_correction import CountingModel
+    from conftest import CountingModel
 
     from noisemem.budget import FLAT_VECTORS
 
