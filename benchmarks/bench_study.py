@@ -92,7 +92,7 @@ def cpu_per_permutation(ctx: Context, spec: StudySpec, hand: int) -> tuple[float
     """(study, hand loop) CPU seconds per permutation, in this process, at the spec's
     probes (init, and the epoch ends if the spec has them)."""
     config = spec.configs[0]
-    ctx = dataclasses.replace(ctx, spec=spec, _references={}, _last_probe=None)
+    ctx = dataclasses.replace(ctx, spec=spec, _references={}, _last_probe=None, _last_plan=None)
     t0 = time.process_time()
     for chunk in range(Chunks.of(spec).count):
         run_chunk(ctx, config, chunk)

@@ -159,6 +159,11 @@ class Probe:
             )
         return self._plan
 
+    @property
+    def planned(self) -> MemoryPlan | None:
+        """The plan if a use has made it, else None (reading :attr:`plan` would make one)."""
+        return self._plan
+
     def require(
         self,
         optimizer: Optimizer | None,

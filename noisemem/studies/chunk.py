@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,10 @@ class Context:
     problem: Problem
     device: str
     _references: dict[str, dict[int, Tensor | None]] = field(default_factory=dict)
-    _last_probe: Probe | None = field(default=None, repr=False)
+    # the last probe, weakly (a kept probe would hold its graph between chunks), and the
+    # plan of the last one that made one
+    _last_probe: weakref.ref[Probe] | None = field(default=None, repr=False)
+    _last_plan: str | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -87,18 +91,25 @@ class Context:
 
     def probe(self, at: Problem) -> Probe:
         """A :class:`Probe` of ``at`` under the spec's ``runtime.memory_budget`` and
-        ``runtime.graph_batches``; the last one made lends its plan to :attr:`memory_plan`."""
+        ``runtime.graph_batches``; its plan, once made, is :attr:`memory_plan`."""
+        self._remember_plan()
         r = self.spec.runtime
         q = r.graph_batches if r.graph_batches and r.graph_batches <= at.num_batches else None
-        self._last_probe = Probe(at, memory_budget=r.memory_budget, graph_batches=q)
-        return self._last_probe
+        probe = Probe(at, memory_budget=r.memory_budget, graph_batches=q)
+        self._last_probe = weakref.ref(probe)
+        return probe
+
+    def _remember_plan(self) -> None:
+        probe = self._last_probe() if self._last_probe is not None else None
+        if probe is not None and probe.planned is not None:
+            self._last_plan = json.dumps(probe.planned.as_dict(), sort_keys=True)
 
     @property
     def memory_plan(self) -> str | None:
-        """How the last probe held its graphs (``budget.MemoryPlan`` as JSON), or None."""
-        if self._last_probe is None:
-            return None
-        return json.dumps(self._last_probe.plan.as_dict(), sort_keys=True)
+        """How the last probe that planned held its graphs (``budget.MemoryPlan`` as JSON),
+        or None."""
+        self._remember_plan()
+        return self._last_plan
 
     @property
     def steps(self) -> int:
