@@ -364,3 +364,25 @@ def test_an_automatic_chunk_size_resumes_with_the_stored_one(tmp_path):
     assert resumed.training.chunk_size == 16 and resumed.digest == made.digest
     explicit = StudySpec.from_dict({**raw, "training": {"permutations": 64, "chunk_size": 4}})
     assert stored_chunking(store, explicit) is explicit  # a size written out is kept
+
+
+def test_a_study_created_while_the_directory_is_read_is_not_a_users_files(tmp_path):
+    """Between a driver's "no manifest yet" and its listing of the directory, another
+    driver may create its study: the listing then holds that study's manifest, and the
+    refusal is the identity check's (another study), not the one for a user's files."""
+    import stores
+
+    from noisemem.studies.spec import StudySpec
+    from noisemem.studies.store import open_for, refuse_foreign_files
+
+    a = StudySpec.from_dict({**stores.TINY, "output": str(tmp_path / "store")})
+    b = StudySpec.from_dict({**stores.TINY, "output": str(tmp_path / "store"), "seed": 1})
+    store = Store(a.output)
+    open_for(store, a, {"source": "digits", "num_samples": 64}, 4)
+    refuse_foreign_files(store, b)  # the manifest is there: not foreign files
+    with pytest.raises(ValueError, match="holds a different study"):
+        open_for(store, b, {"source": "digits", "num_samples": 64}, 4)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files but no noisemem study"):
+        refuse_foreign_files(Store(str(tmp_path / "user")), b)

@@ -20,7 +20,7 @@ from noisemem.studies.chunk import Context
 from noisemem.studies.data import DataInfo, prepare
 from noisemem.studies.models import check_model
 from noisemem.studies.spec import SpecError, StudySpec
-from noisemem.studies.store import Store, StoreError, check_resumable
+from noisemem.studies.store import Store, StoreError, check_resumable, refuse_foreign_files
 
 
 @dataclass(frozen=True)
@@ -71,14 +71,7 @@ def open_store(spec: StudySpec) -> Store:
                 "a directory you can write"
             )
     if info.type == pafs.FileType.Directory and not store.exists("manifest.json"):
-        entries = store.fs.get_file_info(pafs.FileSelector(store.root))
-        visible = sorted(e.base_name for e in entries if not e.base_name.startswith("."))
-        if visible:
-            shown = ", ".join(visible[:3]) + (", ..." if len(visible) > 3 else "")
-            raise ValueError(
-                f"output={spec.output!r} is a directory that holds files but no noisemem study "
-                f"({shown}); give a new or empty directory"
-            )
+        refuse_foreign_files(store, spec)
     return store
 
 

@@ -604,7 +604,7 @@ def open_for(store: Store, spec: StudySpec, data: Mapping[str, Any], chunks: int
     manifest = manifest_of(spec, data, chunks)
     text = json.dumps(manifest, indent=2, sort_keys=True)
     if not store.exists("manifest.json"):
-        _refuse_foreign_files(store, spec)
+        refuse_foreign_files(store, spec)
         if store.create_exclusive(text, "manifest.json"):
             _write_header(store, spec, data)
             return
@@ -623,8 +623,10 @@ def _write_header(store: Store, spec: StudySpec, data: Mapping[str, Any]) -> Non
     store.write_configs(spec, int(data["num_samples"]))
 
 
-def _refuse_foreign_files(store: Store, spec: StudySpec) -> None:
-    """A new store goes into a new or empty directory, never among a user's files."""
+def refuse_foreign_files(store: Store, spec: StudySpec) -> None:
+    """A new store goes into a new or empty directory, never among a user's files. A
+    manifest that appears while the directory is read is another driver's new study, not
+    a user's file: its identity is checked next (:func:`check_resumable`)."""
     info = store.fs.get_file_info(store.root)
     if info.type == pafs.FileType.File:
         raise ValueError(
@@ -634,7 +636,7 @@ def _refuse_foreign_files(store: Store, spec: StudySpec) -> None:
         return
     entries = store.fs.get_file_info(pafs.FileSelector(store.root))
     visible = [e.base_name for e in entries if not e.base_name.startswith(".")]
-    if visible:
+    if visible and "manifest.json" not in visible:
         raise ValueError(
             f"output={spec.output!r} is a directory that holds files but no noisemem study "
             f"({', '.join(sorted(visible)[:3])}{', ...' if len(visible) > 3 else ''}); give a "
