@@ -547,6 +547,15 @@ def linear(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     with ``W_i = sum_l b_l^(n+1) w_{l,i}``: the w_{l,i} of the fused kernel (CPU) or the scan
     (O(K d): no m x m coefficient matrix), one summed Hessian-vector product.
     """
+    combined = linear_cotangent(probe, optimizer, w)
+    if w.hvp == "vmap":
+        index = torch.arange(combined.shape[0], device=combined.device)
+        return optimizer.lr * probe.native_vmapped_hvps(index, combined).sum(0)
+    return optimizer.lr * probe.native_hvp(combined, summed=True)
+
+
+def linear_cotangent(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
+    """``W_i = sum_l b_l^(n+1) w_{l,i}`` (m, d) of :func:`linear`: ``M^(n) = h sum_i H_i W_i``."""
     usable = fused_kernel.usable(optimizer, probe.native_theta)
     if usable and fused_kernel.buffer(w.K) <= MAX_WINDOW_ELEMENTS:
         W, _ = fused_vectors(probe, optimizer, w)
@@ -563,10 +572,7 @@ def linear(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
         else:
             combined.add_(x, alpha=b)
     assert combined is not None
-    if w.hvp == "vmap":
-        index = torch.arange(combined.shape[0], device=combined.device)
-        return optimizer.lr * probe.native_vmapped_hvps(index, combined).sum(0)
-    return optimizer.lr * probe.native_hvp(combined, summed=True)
+    return combined
 
 
 def dense(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
@@ -903,9 +909,15 @@ def finish(
     probe: Probe, optimizer: Optimizer, w: Window, W: list[Tensor | None], m_last: list[Tensor]
 ) -> Tensor:
     """``M = h dPhi(m^(n+1)) . (b_l^(n+1) z_l)_l`` with z_l = sum_i J[G_l^i] w_{l,i}."""
-    theta = probe.native_theta
-    b_n = w.scales[:, -1]
     z = tangents(probe, optimizer, W, w.targets, w.hvp)
+    return phi_tangent(probe.native_theta, optimizer, w, z, m_last)
+
+
+def phi_tangent(
+    theta: Tensor, optimizer: Optimizer, w: Window, z: list[Tensor | None], m_last: list[Tensor]
+) -> Tensor:
+    """The end of :func:`finish`: ``h dPhi(m^(n+1)) . (b_l^(n+1) z_l)_l`` (one JVP of Phi)."""
+    b_n = w.scales[:, -1]
     tangent_args = tuple(
         float(b_n[l]) * t if t is not None else torch.zeros_like(theta) for l, t in enumerate(z)
     )
@@ -921,14 +933,14 @@ def tangents(
     by g_i, all of them in one traversal of the graphs."""
     theta = probe.native_theta
     variables = optimizer.variables
-    out: list[Tensor | None] = [None] * len(W)
-    grad_vars = [l for l, x in enumerate(W) if x is not None and variables[l].source.uses_grad]
-    for l, x in enumerate(W):
-        if x is not None and not variables[l].source.uses_grad:
-            out[l] = x.sum(0)
-    if not grad_vars:
-        return out
     if hvp == "vmap":  # one vmapped forward-over-reverse call
+        out: list[Tensor | None] = [None] * len(W)
+        grad_vars = [l for l, x in enumerate(W) if x is not None and variables[l].source.uses_grad]
+        for l, x in enumerate(W):
+            if x is not None and not variables[l].source.uses_grad:
+                out[l] = x.sum(0)
+        if not grad_vars:
+            return out
         g = probe.native_grads
         active = torch.as_tensor(np.unique(targets), device=theta.device)
         index = active.repeat(len(grad_vars))
@@ -939,14 +951,44 @@ def tangents(
             assert x is not None
             out[l] = variables[l].source.tangent(g[active], hv[j], x[active]).sum(0)
         return out
-    numels = probe.problem.numels
+    out, grad_vars, requests = tangent_requests(probe.problem.numels, optimizer, W)
+    return apply_tangents(out, optimizer, grad_vars, probe.native_hvps(requests))
+
+
+def tangent_requests(
+    numels: Sequence[int], optimizer: Optimizer, W: list[Tensor | None]
+) -> tuple[list[Tensor | None], list[int], list[HvpRequest]]:
+    """The first half of :func:`tangents` (``hvp="double_backward"``): the z_l of the
+    variables whose source is theta (``sum_i w_{l,i}``, no product; None elsewhere), the
+    variables with memory and a gradient source, and one pass of products for each."""
+    variables = optimizer.variables
+    out: list[Tensor | None] = [None] * len(W)
+    grad_vars: list[int] = []
     requests = []
-    for l in grad_vars:
-        x = W[l]
-        assert x is not None
-        reduce = "own" if variables[l].source is Source.GRAD_SQ else "sum"
-        requests.append(HvpRequest(rows_of(x, numels), reduce))
-    for l, hv in zip(grad_vars, probe.native_hvps(requests), strict=True):
+    for l, x in enumerate(W):
+        if x is None:
+            continue
+        source = variables[l].source
+        if not source.uses_grad:
+            out[l] = x.sum(0)
+        else:
+            reduce = "own" if source is Source.GRAD_SQ else "sum"
+            grad_vars.append(l)
+            requests.append(HvpRequest(rows_of(x, numels), reduce))
+    return out, grad_vars, requests
+
+
+def apply_tangents(
+    out: list[Tensor | None],
+    optimizer: Optimizer,
+    grad_vars: Sequence[int],
+    products: Sequence[Tensor],
+) -> list[Tensor | None]:
+    """The second half of :func:`tangents`: the passes' results (``products``, one per
+    variable of ``grad_vars``, as :func:`tangent_requests` gave them) made the z_l of their
+    variables (in place)."""
+    variables = optimizer.variables
+    for l, hv in zip(grad_vars, products, strict=True):
         source = variables[l].source
         if source is Source.GRAD_SQ:
             out[l] = hv.mul_(2.0)
