@@ -148,6 +148,9 @@ class MemoryPlan:
     (None when the user set ``graph_batches`` and nothing was measured); ``vector_bytes``:
     the O(m d) arrays reserved (:func:`vector_arrays`); ``estimate``: the peak expected,
     graphs (times ``PEAK_FACTOR``) plus vectors. ``chosen_by``: ``"budget"`` or ``"user"``.
+    ``points``: how many points' graphs are held together (1 for a probe;
+    :func:`ensemble_plan` for an :class:`~noisemem.ensemble.EnsembleProbe`), each of them
+    with the graphs and vectors above.
     """
 
     mode: str
@@ -158,6 +161,7 @@ class MemoryPlan:
     vector_bytes: int
     estimate: int | None
     chosen_by: str
+    points: int = 1  # the points whose graphs are held at once (an ensemble: ensemble_plan)
 
     def as_dict(self) -> dict[str, int | str | None]:
         """The plan as plain values (for a study's store)."""
@@ -256,3 +260,28 @@ def plan_for(
     mode = "graph" if q == m else "grouped"
     estimate = int(one * q) + vectors + flat
     return MemoryPlan(mode, q, m, budget, per, vectors, estimate, "budget")
+
+
+def ensemble_plan(
+    problem: Problem, optimizer: Optimizer | None, budget: int | None, points: int
+) -> MemoryPlan | None:
+    """How many of ``points`` points an :class:`~noisemem.ensemble.EnsembleProbe` may hold
+    at once within ``budget`` bytes (None: the device's free memory): each point's graph of
+    every batch (``PEAK_FACTOR`` times) and its (m, d) arrays, those of Eq. (9) for
+    ``optimizer`` (:func:`vector_arrays`) plus the cotangent of a pass and the per-copy
+    products of a squared-gradient source. None when not even one point's fits (then one
+    :class:`~noisemem.probe.Probe` per point, which may group batches)."""
+    m = problem.num_batches
+    d = problem.theta.numel()
+    itemsize = problem.theta.element_size()
+    if budget is None:
+        budget = available_memory(problem.theta.device)
+    vectors = (vector_arrays(optimizer) + 2) * m * d * itemsize
+    per = problem.graph_bytes_per_batch
+    one = PEAK_FACTOR * per * m + vectors
+    room = budget - FLAT_VECTORS * d * itemsize
+    k = min(points, int(room // one)) if room > 0 else 0
+    if k < 1:
+        return None
+    estimate = int(k * one) + FLAT_VECTORS * d * itemsize
+    return MemoryPlan("graph", m, m, budget, per, k * vectors, estimate, "budget", k)

@@ -13,6 +13,7 @@ batch), and the limit is refused with :class:`NoClosedForm`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,9 @@ from noisemem.correction import correction_at
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov, Optimizer, require_smooth
 from noisemem.probe import Probe
 from noisemem.problem import Batch, LossFn, Problem, as_problem
+
+if TYPE_CHECKING:
+    from noisemem.ensemble import EnsembleProbe
 
 #: a closed form: (probe at theta, optimizer, step or None for the limit) -> M, or None
 #: where it does not apply (the generic finite-n evaluation is used then)
@@ -186,6 +190,17 @@ def full_batch_correction(
     return full_batch_prediction(problem, optimizer, step)
 
 
+def closed_form_at(
+    probe: Probe | EnsembleProbe, optimizer: Optimizer, step: int | None
+) -> Tensor | None:
+    """The registered closed form of ``optimizer`` at the probe's point, or None where it
+    has none (for this step). ``probe``: a :class:`~noisemem.probe.Probe`, or an
+    :class:`~noisemem.ensemble.EnsembleProbe` (then ``(P, d)``, one row per point: the
+    forms are coordinatewise in g, theta and the products)."""
+    form = CLOSED_FORMS.get(type(optimizer))
+    return None if form is None else form(probe, optimizer, step)
+
+
 def full_batch_prediction(
     problem: Problem, optimizer: Optimizer, step: int | None, probe: Probe | None = None
 ) -> Tensor:
@@ -195,11 +210,9 @@ def full_batch_prediction(
     built here if not given): one backward pass through its batch gradients' graph, and none
     for heavy ball and Nesterov once the probe holds H g (:meth:`Probe.hessian_gradient`).
     """
-    form = CLOSED_FORMS.get(type(optimizer))
-    if form is not None:
-        M = form(probe if probe is not None else Probe(problem), optimizer, step)
-        if M is not None:
-            return M
+    M = closed_form_at(probe if probe is not None else Probe(problem), optimizer, step)
+    if M is not None:
+        return M
     if step is None:
         raise NoClosedForm(
             f"optimizer: {optimizer.name} has no closed full-batch limit (step=None); give a "

@@ -163,6 +163,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -173,6 +174,9 @@ from noisemem.full_batch import full_batch_prediction
 from noisemem.optim import NAdamW, Optimizer, Source, require_smooth
 from noisemem.probe import Probe
 from noisemem.problem import Batch, LossFn, Problem, as_problem
+
+if TYPE_CHECKING:
+    from noisemem.ensemble import EnsembleProbe
 
 #: the sampling schemes the prediction supports (module docstring, section 3, on reshuffle)
 NOISE_AWARE_SAMPLINGS = ("permute", "replacement")
@@ -891,13 +895,14 @@ def noise_aware_correction(
 
 
 # -- the anti-regularization direction of Sec. 4 ----------------------------------------------
-def direction_at(probe: Probe, eps: float, weighted: bool = False) -> Tensor:
+def direction_at(probe: Probe | EnsembleProbe, eps: float, weighted: bool = False) -> Tensor:
     """Sec. 4's direction ``d = grad_theta ||grad L||_{1,eps} = H (g / sqrt(g^2 + eps))``, or
-    with ``weighted`` the noise-aware one ``H (g / sqrt(v + eps))``, v = mean_i g_i^2."""
+    with ``weighted`` the noise-aware one ``H (g / sqrt(v + eps))``, v = mean_i g_i^2; at
+    every point of an :class:`~noisemem.ensemble.EnsembleProbe` (``(P, d)``)."""
     g = probe.full_grad()
     if weighted:
-        G = probe.grads
-        D = (G * G).mean(0) + eps
+        G = probe.grads  # (m, d), or (P, m, d)
+        D = (G * G).mean(-2) + eps
     else:
         D = g * g + eps
     return probe.full_hvp(g * torch.rsqrt(D))

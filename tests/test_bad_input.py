@@ -141,6 +141,8 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str, int]] = [
      "device has free", 2),
     ("negative_graph_batches", lambda t: spec(t, **{"runtime.graph_batches": -1}),
      "runtime.graph_batches=-1 is not allowed; it must be an integer >= 0", 2),
+    ("unknown_batched_probes", lambda t: spec(t, **{"runtime.batched_probes": True}),
+     "runtime.batched_probes=True is not allowed; use one of auto, on, off", 2),
     # -- data and model (refused before Ray starts, after the data has loaded)
     ("unknown_data_source", lambda t: spec(t, **{"data.source": "imagenet-local"}),
      "data.source='imagenet-local' is not allowed; use digits, mnist1d, synthetic:cifar10, "

@@ -160,6 +160,54 @@ def test_a_chunk_under_a_memory_budget_equals_the_kept_graph_and_records_its_pla
     assert plan["chosen_by"] == by
 
 
+@pytest.mark.parametrize("config", [0, 1], ids=["heavy_ball", "adamw"])
+def test_epoch_end_probes_taken_together_equal_one_probe_per_run(data, config):
+    """runtime.batched_probes = "on" (what "auto" does on CUDA): every run's epoch-end graph
+    in one ensemble; the rows are those of one probe per run, to rounding."""
+    off = small_spec(permutations=3, chunk_size=3)
+    on = StudySpec.from_dict({**off.raw, "runtime": {**off.raw["runtime"], "batched_probes": "on"}})
+    want = run_chunk(context(off, data), off.configs[config], 0)
+    got = run_chunk(context(on, data), on.configs[config], 0)
+    epoch = [(a, b) for a, b in zip(want["corrections"], got["corrections"], strict=True)]
+    assert sum(a["probe"] == "epoch" for a, _ in epoch) == 3 * 2
+    for a, b in epoch:
+        assert (a["probe"], a["step"], a["permutation"]) == (
+            b["probe"],
+            b["step"],
+            b["permutation"],
+        )
+        for key in ("norm", "linf", "full_batch_norm", "cos_full_batch", "cos_noise", "proj_anti"):
+            x, y = a[key], b[key]
+            assert (np.isnan(x) and np.isnan(y)) or abs(x - y) <= 1e-10 * max(abs(x), 1.0), key
+    for a, b in zip(want["moments"], got["moments"], strict=True):
+        mean = np.asarray(a["mean"])
+        assert np.abs(np.asarray(b["mean"]) - mean).max() <= 1e-10 * np.abs(mean).max()
+    plan = json.loads(got["runs"][0]["memory_plan"])
+    assert plan["points"] == 3 and plan["mode"] == "graph"
+    assert json.loads(want["runs"][0]["memory_plan"])["points"] == 1
+
+
+def test_a_budget_too_small_for_the_ensemble_takes_one_probe_per_run(data):
+    base = small_spec(permutations=2, chunk_size=2)
+    ctx = context(base, data)
+    opt = base.configs[0].optimizer
+    one = budget.ensemble_plan(ctx.problem, opt, 1 << 40, 1)
+    assert one is not None
+    per_point = one.estimate - budget.FLAT_VECTORS * ctx.problem.theta.numel() * 8
+    runtime = {"batched_probes": "on", "memory_budget": int(one.estimate + 0.5 * per_point)}
+    spec = StudySpec.from_dict({**base.raw, "runtime": {**base.raw["runtime"], **runtime}})
+    ctx = context(spec, data)
+    assert ctx.ensemble_points(opt, 2) == 1  # room for one run's graph, not two
+    tight = {**runtime, "memory_budget": int(0.5 * one.estimate)}
+    spec = StudySpec.from_dict({**base.raw, "runtime": {**base.raw["runtime"], **tight}})
+    assert context(spec, data).ensemble_points(opt, 2) == 0  # one probe per run, grouped
+    reshuffled = small_spec(sampling="reshuffle")
+    spec = StudySpec.from_dict(
+        {**reshuffled.raw, "runtime": {**reshuffled.raw["runtime"], "batched_probes": "on"}}
+    )
+    assert context(spec, data).ensemble_points(opt, 2) == 0  # each run has its own batches
+
+
 def test_divergent_runs_are_recorded_not_crashed(data):
     raw_spec = small_spec()
     raw = dict(raw_spec.raw)

@@ -23,6 +23,10 @@ from noisemem import (
     noise_regularizer,
     trajectories,
 )
+from noisemem.correction import correction_at
+from noisemem.ensemble import EnsembleProbe
+from noisemem.probe import Probe
+from noisemem.problem import Problem
 from noisemem.studies.chunk import Context, predictions, run_chunk
 from noisemem.studies.data import prepare
 
@@ -138,7 +142,6 @@ def scale_outputs(device: str) -> dict[str, Tensor]:
     (a GPU's default window), the online window (O(L d)), graphs a batch at a time, the
     exact expectation a batch at a time, and the memory plan's own measurement."""
     from noisemem.budget import available_memory, plan_memory
-    from noisemem.problem import Problem
 
     tiny = make_tiny("gelu_mlp")
     model = tiny.model.to(device)
@@ -166,6 +169,18 @@ def scale_outputs(device: str) -> dict[str, Tensor]:
         out[f"E/heavy_ball/{sampling}/grouped"] = e.mean
         out[f"E/heavy_ball/{sampling}/grouped/noise_part"] = e.noise_part
     problem = Problem(model, loss_fn, batches)
+    # the probes of a chunk's epoch ends taken together (what "auto" does on CUDA)
+    d = problem.theta.numel()
+    thetas = problem.theta + 0.1 * torch.linspace(-1, 1, 3 * d, dtype=problem.theta.dtype).to(
+        device
+    ).view(3, d)
+    together = EnsembleProbe(problem, thetas)
+    for name, opt in OPTIMIZERS.items():
+        M = together.corrections(opt, [seq, seq[:5], seq[:2]])
+        for p in range(3):
+            out[f"ensemble/{name}/{p}"] = M[p]
+    for kind, value in zip(("g", "Hg", "cov"), together.hessian_moments(), strict=True):
+        out[f"ensemble/{kind}"] = value.flatten()
     plan = plan_memory(problem, OPTIMIZERS["adamw_eps_in_sqrt"], memory_budget="1GiB")
     # one batch's graph as measured on this device (saved tensors), the device's free memory
     assert plan.mode == "graph" and plan.graph_bytes_per_batch is not None
@@ -188,6 +203,13 @@ def test_scale_paths_compare_on_cpu() -> None:
         for key in (f"M/{name}/online/grouped", f"M/{name}/auto/grouped"):
             if key in first:
                 assert rel_err(first[key], default) < 1e-9
+    problem = Problem(tiny.model, tiny.loss_fn, tiny.batches)
+    d = problem.theta.numel()
+    thetas = problem.theta + 0.1 * torch.linspace(-1, 1, 3 * d, dtype=torch.float64).view(3, d)
+    for name, opt in OPTIMIZERS.items():
+        for p, s in enumerate((seq, seq[:5], seq[:2])):
+            one = Probe(problem.at(thetas[p]))
+            assert rel_err(first[f"ensemble/{name}/{p}"], correction_at(one, opt, s)) < 1e-9
 
 
 @pytest.mark.cuda

@@ -32,8 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from noisemem.budget import ensemble_plan, parse_budget
+from noisemem.ensemble import EnsembleProbe
 from noisemem.expectation import SampledRun, exact_expectation, sample_run, sampled_correction
-from noisemem.full_batch import NoClosedForm, full_batch_prediction
+from noisemem.full_batch import NoClosedForm, closed_form_at, full_batch_prediction
 from noisemem.noise_aware import check_noise_aware_args, direction_at, noise_aware_prediction
 from noisemem.optim import Optimizer
 from noisemem.probe import Probe
@@ -104,6 +106,23 @@ class Context:
         if probe is not None and probe.planned is not None:
             self._last_plan = json.dumps(probe.planned.as_dict(), sort_keys=True)
 
+    def ensemble_points(self, optimizer: Optimizer, runs: int) -> int:
+        """How many runs' epoch-end probes to take together (:mod:`noisemem.ensemble`): 0
+        for one probe per run, which ``runtime.batched_probes`` asks for (``"auto"``: on
+        CUDA), which reshuffled batches need (each run has batches of its own), and which
+        a budget too small for one run's whole graph leaves. The plan is remembered."""
+        mode = self.spec.runtime.batched_probes
+        wanted = mode == "on" or (mode == "auto" and self.device.startswith("cuda"))
+        if not wanted or self.setting.sampling == "reshuffle" or self.spec.runtime.graph_batches:
+            return 0
+        budget = parse_budget(self.spec.runtime.memory_budget)
+        plan = ensemble_plan(self.problem, optimizer, budget, runs)
+        if plan is None:
+            return 0
+        self._last_probe = None
+        self._last_plan = json.dumps(plan.as_dict(), sort_keys=True)
+        return plan.points
+
     @property
     def memory_plan(self) -> str | None:
         """How the last probe that planned held its graphs (``budget.MemoryPlan`` as JSON),
@@ -165,7 +184,7 @@ class Context:
         return [e * self.m - 1 for e in range(1, self.setting.epochs + 1)]
 
 
-def anti_direction(optimizer: Optimizer, probe: Probe) -> Tensor | None:
+def anti_direction(optimizer: Optimizer, probe: Probe | EnsembleProbe) -> Tensor | None:
     """Sec. 4's direction ``d = grad ||grad L||_{1,eps} = H (g / sqrt(g^2 + eps))`` at the
     probe's point, for optimizers whose Phi has an eps (Adam's quotient, the soft sign);
     None for the others."""
@@ -255,6 +274,23 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
     return Ensemble(losses, accs, norms, batch_idx, diverged, epoch_thetas)
 
 
+def _epoch_probes_together(
+    ctx: Context, optimizer: Optimizer, n: int, thetas: Tensor, runs: Sequence[SampledRun]
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
+    """``(M, full-batch prediction, noise direction, Sec. 4's d or None)`` at each run's own
+    parameters ``thetas[k]`` after step n, for fixed batches: every run's graph in one
+    :class:`~noisemem.ensemble.EnsembleProbe`, each pass of products for all of them at
+    once (the numbers of one probe per run, to rounding)."""
+    probes = EnsembleProbe(ctx.problem, thetas)
+    M = probes.corrections(optimizer, [r.sequence[: n + 1] for r in runs])
+    noise = probes.hessian_moments()[2]
+    anti = anti_direction(optimizer, probes)
+    fb = closed_form_at(probes, optimizer, n)
+    if fb is None:  # no closed form: Eq. (9) on the full batch, point by point
+        fb = torch.stack([full_batch_prediction(ctx.problem.at(t), optimizer, n) for t in thetas])
+    return [(M[k], fb[k], noise[k], None if anti is None else anti[k]) for k in range(len(runs))]
+
+
 def _prefix(run: SampledRun, steps: int) -> SampledRun:
     return SampledRun(run.sequence[:steps], None if run.batches is None else run.batches[:steps])
 
@@ -278,19 +314,16 @@ def run_chunk(
     # finite), or the first probe step at which one of its corrections was not finite
     diverged: dict[int, int | None] = dict(zip(indices, ens.diverged_at, strict=True))
 
-    def measure(
+    def record(
         name: str,
         n: int,
         p: int,
-        at: Problem,
-        probe: Probe,
-        run: SampledRun,
+        M: Tensor,
         fb: Tensor,
         noise: Tensor,
         anti: Tensor | None,
         acc: Moments,
     ) -> None:
-        M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
         if bool(torch.isfinite(M).all()):
             acc.add(M)
         elif diverged[p] is None or n < diverged[p]:  # type: ignore[operator]
@@ -309,20 +342,33 @@ def run_chunk(
             fb = full_batch_prediction(at, opt, n, probe)
             acc = Moments.empty(d)
             for p, run in zip(indices, runs, strict=True):
-                measure(name, n, p, at, probe, run, fb, noise, anti, acc)
+                M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
+                record(name, n, p, M, fb, noise, anti, acc)
             moments.append(rows.moments_row(config, name, n, chunk, acc, len(indices)))
     if spec.probes.epoch_end:
         for e, n in enumerate(steps_of):
             acc = Moments.empty(d)
-            for j, (p, run) in enumerate(zip(indices, runs, strict=True)):
-                div = ens.diverged_at[j]
-                if div is not None and div <= n + 1:
-                    continue
-                at = ctx.problem.at(ens.epoch_thetas[e][j])
-                probe = ctx.probe(at)
-                noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
-                fb = full_batch_prediction(at, opt, n, probe)
-                measure("epoch", n, p, at, probe, run, fb, noise, anti, acc)
+            live = [
+                (j, p, run)
+                for j, (p, run) in enumerate(zip(indices, runs, strict=True))
+                if ens.diverged_at[j] is None or ens.diverged_at[j] > n + 1  # type: ignore[operator]
+            ]
+            group = ctx.ensemble_points(opt, len(live))
+            if group:
+                for lo in range(0, len(live), group):
+                    part = live[lo : lo + group]
+                    thetas = torch.stack([ens.epoch_thetas[e][j] for j, _, _ in part])
+                    found = _epoch_probes_together(ctx, opt, n, thetas, [r for _, _, r in part])
+                    for (_, p, _), (M, fb, noise, anti) in zip(part, found, strict=True):
+                        record("epoch", n, p, M, fb, noise, anti, acc)
+            else:
+                for j, p, run in live:
+                    at = ctx.problem.at(ens.epoch_thetas[e][j])
+                    probe = ctx.probe(at)
+                    noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
+                    fb = full_batch_prediction(at, opt, n, probe)
+                    M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
+                    record("epoch", n, p, M, fb, noise, anti, acc)
             moments.append(rows.moments_row(config, "epoch", n, chunk, acc, len(indices)))
     step_rows = _step_rows(ctx, config, indices, runs, ens) if spec.record.steps else []
     seconds = (time.perf_counter() - t0) / max(len(indices), 1)

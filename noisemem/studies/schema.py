@@ -94,7 +94,8 @@ COLUMNS: dict[str, tuple[Column, ...]] = {
             "",
             "how the chunk's probes held the batch gradients' graph, as JSON "
             "(noisemem.budget.MemoryPlan: mode graph | grouped, graph_batches, budget and "
-            "estimate in bytes; the budget is the actor's free memory unless "
+            "estimate in bytes, points: the runs whose epoch-end graphs were held together "
+            "under runtime.batched_probes, else 1; the budget is the actor's free memory unless "
             "runtime.memory_budget is set, so it differs between machines and runs); null "
             "in stores written before it was recorded",
         ),

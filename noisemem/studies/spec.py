@@ -75,6 +75,8 @@ BUILTIN_DATA = ("digits", "mnist1d", "synthetic:cifar10")
 BUILTIN_MODELS = ("gelu_mlp", "cnn", "softmax", "resnet18")
 NORMALIZE = ("unit", "standardize", "none")
 GPU_MODES = ("auto", "never", "always")
+#: runtime.batched_probes: "auto" (on CUDA devices), "on", "off"
+BATCHED_PROBES = ("auto", "on", "off")
 DTYPES = ("float32", "float64")
 #: the largest study the driver plans: orders per config, and chunks (work items) in all
 MAX_PERMUTATIONS = 10_000_000
@@ -427,6 +429,11 @@ class RuntimeSpec:
     # on either (not in the digest): a study may resume under another budget
     memory_budget: int | str | None = None
     graph_batches: int = 0
+    # whether a chunk takes its runs' epoch-end probes together, one graph for a group of
+    # runs (noisemem.ensemble): "auto" does on CUDA, where one probe per run leaves a GPU
+    # idle on small models; on a CPU the flops are the same and one probe per run is as fast
+    # (not in the digest: the numbers agree to rounding)
+    batched_probes: str = "auto"
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> RuntimeSpec:
@@ -452,6 +459,7 @@ class RuntimeSpec:
             ),
             memory_budget=_memory_budget(r["memory_budget"]),
             graph_batches=_int("runtime.graph_batches", r["graph_batches"], 0),
+            batched_probes=_choice("runtime.batched_probes", r["batched_probes"], BATCHED_PROBES),
         )
 
 
