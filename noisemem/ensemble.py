@@ -23,7 +23,8 @@ Memory: the P graphs of every batch and O(P m d) vectors at once;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +32,10 @@ from torch import Tensor
 
 from noisemem import checks
 from noisemem import window as windows
-from noisemem.correction import check_correction_args
+from noisemem.correction import check_correction_args, correction_at
 from noisemem.memory import TAIL_TOL
 from noisemem.optim import Optimizer
-from noisemem.probe import HvpRequest, Probe, rows_of
+from noisemem.probe import HvpRequest, Probe, check_slots, rows_of, slot_reduce
 from noisemem.problem import Problem
 
 
@@ -90,20 +91,10 @@ class EnsembleProbe:
         P, m = self.points, self.problem.num_batches
         if len(requests) != P:
             raise ValueError(f"requests: one list per point ({P}); got {len(requests)}")
-        slots = {len(r) for r in requests}
-        if len(slots) != 1:
-            raise ValueError(f"requests: every point needs as many passes; got {sorted(slots)}")
-        (count,) = slots
         out = []
-        for j in range(count):
+        for j in range(check_slots(requests)):
             column = [r[j] for r in requests]
-            live = [r for r in column if r is not None]
-            kinds = {r.reduce if isinstance(r.reduce, str) else "weights" for r in live}
-            if len(kinds) > 1:
-                raise ValueError(f"requests: pass {j} mixes reductions {sorted(kinds)}")
-            reduce = kinds.pop() if kinds else "sum"
-            if reduce not in ("sum", "own"):
-                raise ValueError(f"requests: reduce {reduce!r}: an ensemble takes 'sum' or 'own'")
+            reduce = slot_reduce(column, j)
             blocks = [torch.zeros_like(g) for g in self._grads]
             for p, r in enumerate(column):
                 if r is None:
@@ -192,44 +183,117 @@ class EnsembleProbe:
         check_correction_args(optimizer, tail_tol, "double_backward")
         if len(sequences) != self.points:
             raise ValueError(f"sequences: one per point ({self.points}); got {len(sequences)}")
-        m, numels = self.problem.num_batches, self.problem.numels
-        P = self.points
-        found = []
-        for seq in sequences:
-            sig = checks.sequence_array(seq, m)
-            found.append(windows.window_of(optimizer, sig, tail_tol, "double_backward"))
-        out = torch.zeros_like(self.native_theta)
-        live = [p for p in range(P) if found[p] is not None]
-        if not live:
-            return self.layout.to_standard(out)
-        views = {p: self.view(p) for p in live}
-        requests: list[list[HvpRequest | None]] = [[] for _ in range(P)]
-        if optimizer.linear:
-            for p in live:
-                W = windows.linear_cotangent(views[p], optimizer, found[p])  # type: ignore[arg-type]
-                requests[p] = [HvpRequest(rows_of(W, numels))]
-            (summed,) = self.native_passes(_fill(requests, live))
-            out[live] = optimizer.lr * summed[live]
-            return self.layout.to_standard(out)
-        pending: dict[int, tuple[list[Tensor | None], list[int], list[Tensor]]] = {}
+        views = _LazyViews(self)
+        native = together(
+            views, self.native_theta, optimizer, sequences, tail_tol, self.native_passes
+        )
+        return self.layout.to_standard(native)
+
+
+class _LazyViews:
+    """The per-point views of an ensemble, made when a window asks."""
+
+    def __init__(self, ensemble: EnsembleProbe) -> None:
+        self.ensemble = ensemble
+        self.made: dict[int, Probe] = {}
+
+    def __getitem__(self, p: int) -> Probe:
+        if p not in self.made:
+            self.made[p] = self.ensemble.view(p)
+        return self.made[p]
+
+
+def corrections_at(
+    probe: Probe,
+    optimizer: Optimizer,
+    sequences: Sequence[Sequence[int] | np.ndarray],
+    *,
+    tail_tol: float = TAIL_TOL,
+) -> Tensor:
+    """``M^(n_p)`` of Eq. (9) at the probe's one point for each of ``sequences`` (the runs
+    of a chunk at a fixed probe): each window on the probe, then each pass of products for
+    every sequence in one vmapped backward pass through its kept graph
+    (:meth:`~noisemem.probe.Probe.native_batched_hvps`). ``(P, d)``, standard order, the
+    numbers of :func:`noisemem.correction.correction_at`; one at a time where the probe's
+    plan does not keep its graph."""
+    check_correction_args(optimizer, tail_tol, "double_backward")
+    probe.require(optimizer, per_batch=windows.needs_per_batch(optimizer, "double_backward"))
+    if probe.plan.mode != "graph":
+        return torch.stack(
+            [correction_at(probe, optimizer, s, tail_tol=tail_tol) for s in sequences]
+        )
+    P = len(sequences)
+    thetas = probe.native_theta.expand(P, -1)
+    native = together(
+        _Same(probe), thetas, optimizer, sequences, tail_tol, probe.native_batched_hvps
+    )
+    return probe.layout.to_standard(native)
+
+
+class _Same:
+    """One probe, the view of every sequence."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+
+    def __getitem__(self, p: int) -> Probe:
+        return self.probe
+
+
+def together(
+    views: Any,
+    native_thetas: Tensor,
+    optimizer: Optimizer,
+    sequences: Sequence[Sequence[int] | np.ndarray],
+    tail_tol: float,
+    passes: Callable[[Sequence[Sequence[HvpRequest | None]]], list[Tensor]],
+) -> Tensor:
+    """Eq. (9) for P (point, sequence) pairs, native ``(P, d)``: each window on its view
+    (``views[p]``, a :class:`~noisemem.probe.Probe` holding point p's batch gradients) by
+    the strategies of :mod:`noisemem.window` (linear, fused or scan, as ``window="auto"``
+    picks), then every pass of products by ``passes`` for all pairs at once, then each
+    pair's JVP of Phi."""
+    P = native_thetas.shape[0]
+    if len(sequences) != P:
+        raise ValueError(f"sequences: one per point ({P}); got {len(sequences)}")
+    first = views[0]
+    m, numels = first.problem.num_batches, first.problem.numels
+    found = []
+    for seq in sequences:
+        sig = checks.sequence_array(seq, m)
+        found.append(windows.window_of(optimizer, sig, tail_tol, "double_backward"))
+    out = torch.zeros(
+        (P, native_thetas.shape[1]), dtype=native_thetas.dtype, device=native_thetas.device
+    )
+    live = [p for p in range(P) if found[p] is not None]
+    if not live:
+        return out
+    requests: list[list[HvpRequest | None]] = [[] for _ in range(P)]
+    if optimizer.linear:
         for p in live:
-            w, view = found[p], views[p]
-            assert w is not None
-            name = windows.choose(view, optimizer, w)
-            vectors = windows.fused_vectors if name == "fused" else windows.scan_vectors
-            W, m_last = vectors(view, optimizer, w)
-            z, grad_vars, reqs = windows.tangent_requests(numels, optimizer, W)
-            requests[p] = list(reqs)
-            pending[p] = (z, grad_vars, m_last)
-        products = self.native_passes(_fill(requests, live))
-        for p in live:
-            z, grad_vars, m_last = pending[p]
-            w = found[p]
-            assert w is not None
-            mine = [x[p] for x in products]
-            z = windows.apply_tangents(z, optimizer, grad_vars, mine)
-            out[p] = windows.phi_tangent(self.native_theta[p], optimizer, w, z, m_last)
-        return self.layout.to_standard(out)
+            W = windows.linear_cotangent(views[p], optimizer, found[p])  # type: ignore[arg-type]
+            requests[p] = [HvpRequest(rows_of(W, numels))]
+        (summed,) = passes(_fill(requests, live))
+        out[live] = optimizer.lr * summed[live]
+        return out
+    pending: dict[int, tuple[list[Tensor | None], list[int], list[Tensor]]] = {}
+    for p in live:
+        w, view = found[p], views[p]
+        assert w is not None
+        name = windows.choose(view, optimizer, w)
+        vectors = windows.fused_vectors if name == "fused" else windows.scan_vectors
+        W, m_last = vectors(view, optimizer, w)
+        z, grad_vars, reqs = windows.tangent_requests(numels, optimizer, W)
+        requests[p] = list(reqs)
+        pending[p] = (z, grad_vars, m_last)
+    products = passes(_fill(requests, live))
+    for p in live:
+        z, grad_vars, m_last = pending[p]
+        w = found[p]
+        assert w is not None
+        z = windows.apply_tangents(z, optimizer, grad_vars, [x[p] for x in products])
+        out[p] = windows.phi_tangent(native_thetas[p], optimizer, w, z, m_last)
+    return out
 
 
 def _fill(

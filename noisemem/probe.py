@@ -310,6 +310,60 @@ class Probe:
         assert isinstance(r.reduce, Tensor)
         return weighted_row_sum(r.reduce[graph.lo : graph.hi], torch.cat(parts, 1))
 
+    def native_batched_hvps(self, requests: Sequence[Sequence[HvpRequest | None]]) -> list[Tensor]:
+        """Passes of products for many sets of cotangents at once, through the kept graph:
+        ``requests[p][j]`` is set p's j-th pass (reduce ``"sum"`` or ``"own"``; None: a zero
+        result), and each slot j is one vmapped backward pass (``is_grads_batched``) for every
+        p. Returns one ``(P, d)`` tensor per slot, native order. Needs the graph kept
+        (``plan.mode == "graph"``); its vmapped backward holds about P times a pass's
+        temporaries."""
+        if self.plan.mode != "graph":
+            raise ValueError(
+                f"batched products need the kept graph; this probe's plan is {self.plan.describe()}"
+            )
+        sets = len(requests)
+        count = check_slots(requests)
+        live = [r for rs in requests for r in rs if r is not None]
+        (graph,) = self._graphs("copies" if any(r.per_batch for r in live) else self._kind)
+        m, numels = self.problem.num_batches, self.problem.numels
+        outs = []
+        for j in range(count):
+            column = [rs[j] for rs in requests]
+            reduce = slot_reduce(column, j)
+            stacked = [self.native_theta.new_zeros((sets, m, n)) for n in numels]
+            for p, r in enumerate(column):
+                if r is None:
+                    continue
+                blocks = (
+                    [g.detach() for g in graph.grads] if r.cotangent is None else r.cotangent(0, m)
+                )
+                for target, b in zip(stacked, blocks, strict=True):
+                    target[p] = b
+            inputs = graph.leaves if reduce == "sum" else graph.copies
+            assert inputs is not None
+            pairs = [(g, b) for g, b in zip(graph.grads, stacked, strict=True) if g.requires_grad]
+            if not pairs:
+                outs.append(self.native_theta.new_zeros((sets, self.native_theta.numel())))
+                continue
+            got = torch.autograd.grad(
+                [g for g, _ in pairs],
+                inputs,
+                [b for _, b in pairs],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            parts = [
+                t.new_zeros((sets, *t.shape)) if o is None else o
+                for o, t in zip(got, inputs, strict=True)
+            ]
+            if reduce == "sum":
+                outs.append(torch.cat(parts, 1))
+            else:  # (sets, m, numel) per copy, weighed by the graph's own g_i
+                own = [(g.detach() * h).sum(1) for g, h in zip(graph.grads, parts, strict=True)]
+                outs.append(torch.cat(own, 1))
+        return outs
+
     def native_hvp(self, W: Tensor | Sequence[Tensor], summed: bool) -> Tensor:
         """``H_i W[i]`` (or their sum over i), all in the native order; ``W`` is ``(m, d)``
         or one ``(m, numel)`` block per parameter. One backward pass per graph."""
@@ -476,3 +530,24 @@ def weighted_row_sum(A: Tensor, B: Tensor, c: Tensor | None = None) -> Tensor:
         else:
             out += c[r0:r1] @ prod
     return out
+
+
+def check_slots(requests: Sequence[Sequence[HvpRequest | None]]) -> int:
+    """The number of passes every set of ``requests`` asks for (the same for each)."""
+    slots = {len(r) for r in requests}
+    if len(slots) > 1:
+        raise ValueError(f"requests: every set needs as many passes; got {sorted(slots)}")
+    return slots.pop() if slots else 0
+
+
+def slot_reduce(column: Sequence[HvpRequest | None], j: int) -> str:
+    """The one reduction of pass j over the sets (``"sum"`` or ``"own"``)."""
+    kinds = {r.reduce if isinstance(r.reduce, str) else "weights" for r in column if r is not None}
+    if len(kinds) > 1:
+        raise ValueError(f"requests: pass {j} mixes reductions {sorted(kinds)}")
+    reduce = kinds.pop() if kinds else "sum"
+    if reduce not in ("sum", "own"):
+        raise ValueError(
+            f"requests: reduce {reduce!r} in pass {j}: batched passes take 'sum' or 'own'"
+        )
+    return reduce

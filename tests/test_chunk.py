@@ -163,14 +163,18 @@ def test_a_chunk_under_a_memory_budget_equals_the_kept_graph_and_records_its_pla
 @pytest.mark.parametrize("config", [0, 1], ids=["heavy_ball", "adamw"])
 def test_epoch_end_probes_taken_together_equal_one_probe_per_run(data, config):
     """runtime.batched_probes = "on" (what "auto" does on CUDA): every run's epoch-end graph
-    in one ensemble; the rows are those of one probe per run, to rounding."""
+    in one ensemble, and at a fixed probe every run's passes of products in one vmapped
+    pass; the rows are those of one probe per run, to rounding."""
     off = small_spec(permutations=3, chunk_size=3)
     on = StudySpec.from_dict({**off.raw, "runtime": {**off.raw["runtime"], "batched_probes": "on"}})
     want = run_chunk(context(off, data), off.configs[config], 0)
     got = run_chunk(context(on, data), on.configs[config], 0)
-    epoch = [(a, b) for a, b in zip(want["corrections"], got["corrections"], strict=True)]
-    assert sum(a["probe"] == "epoch" for a, _ in epoch) == 3 * 2
-    for a, b in epoch:
+    pairs = list(zip(want["corrections"], got["corrections"], strict=True))
+    # every row: the fixed probes' (init, ref2: one vmapped pass for the three runs) and the
+    # epoch ends' (one graph for the three runs)
+    assert sum(a["probe"] == "epoch" for a, _ in pairs) == 3 * 2
+    assert {a["probe"] for a, _ in pairs} == {"init", "ref2", "epoch"}
+    for a, b in pairs:
         assert (a["probe"], a["step"], a["permutation"]) == (
             b["probe"],
             b["step"],

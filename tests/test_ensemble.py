@@ -12,7 +12,7 @@ from user_optimizers import RMSProp, SoftSignum
 
 from noisemem import budget
 from noisemem.correction import correction_at
-from noisemem.ensemble import EnsembleProbe
+from noisemem.ensemble import EnsembleProbe, corrections_at
 from noisemem.full_batch import closed_form_at, full_batch_prediction
 from noisemem.noise_aware import direction_at
 from noisemem.optim import AdamW, HeavyBall, Lion, NAdamW, Nesterov
@@ -62,17 +62,38 @@ def test_corrections_equal_one_probe_per_point(model, opt):
     assert torch.equal(M[-1], torch.zeros_like(M[-1]))  # n = 0: nothing carries memory
 
 
+@pytest.mark.parametrize("model", ["gelu_mlp", "softmax"])
+@pytest.mark.parametrize("opt", OPTIMIZERS, ids=str)
+def test_corrections_at_one_point_equal_one_sequence_at_a_time(model, opt):
+    """A fixed probe's runs: one vmapped pass of products for every sequence."""
+    optimizer = OPTIMIZERS[opt]
+    _, problem, thetas = points(model, P=1)
+    seqs = sequences(4, problem.num_batches)
+    probe = Probe(problem.at(thetas[0]))
+    M = corrections_at(probe, optimizer, seqs)
+    for p, s in enumerate(seqs):
+        want = correction_at(Probe(problem.at(thetas[0])), optimizer, s)
+        assert rel_err(M[p], want) <= 1e-12, (opt, p)
+    grouped = Probe(problem.at(thetas[0]), graph_batches=1)  # no kept graph: one at a time
+    assert rel_err(corrections_at(grouped, optimizer, seqs), M) <= 1e-10
+
+
 @pytest.mark.parametrize("opt", ["heavy_ball", "adamw", "lion_soft_sign"])
 def test_corrections_equal_the_literal_eq9(opt):
     optimizer = OPTIMIZERS[opt]
     tiny, problem, thetas = points("gelu_mlp", P=2)
     seqs = [np.array([0, 2, 1, 3, 1, 0]), np.array([3, 3, 0, 1])]
     M = EnsembleProbe(problem, thetas).corrections(optimizer, seqs)
+    shared = corrections_at(Probe(problem.at(thetas[0])), optimizer, seqs)
     for p in range(2):
         want = literal_correction(
             tiny.model, tiny.loss_fn, tiny.batches, optimizer, seqs[p].tolist(), thetas[p]
         )
         assert rel_err(M[p], want) <= 1e-10, (opt, p)
+        at_first = literal_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, optimizer, seqs[p].tolist(), thetas[0]
+        )
+        assert rel_err(shared[p], at_first) <= 1e-10, (opt, p)
 
 
 @pytest.mark.parametrize("model", ["gelu_mlp", "softmax"])
@@ -133,6 +154,10 @@ def test_bad_shapes_and_requests_are_refused():
         probes.corrections(OPTIMIZERS["heavy_ball"], [np.array([0, 1])])
     with pytest.raises(ValueError, match="requests: one list per point"):
         probes.native_passes([[None]])
+    with pytest.raises(ValueError, match="requests: every set needs as many passes"):
+        probes.native_passes([[None], [], [None]])
+    with pytest.raises(ValueError, match="batched products need the kept graph"):
+        Probe(problem, graph_batches=1).native_batched_hvps([[None]])
 
 
 def test_the_plan_holds_as_many_points_as_the_budget_allows():

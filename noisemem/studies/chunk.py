@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from noisemem.budget import ensemble_plan, parse_budget
-from noisemem.ensemble import EnsembleProbe
+from noisemem.ensemble import EnsembleProbe, corrections_at
 from noisemem.expectation import SampledRun, exact_expectation, sample_run, sampled_correction
 from noisemem.full_batch import NoClosedForm, closed_form_at, full_batch_prediction
 from noisemem.noise_aware import check_noise_aware_args, direction_at, noise_aware_prediction
@@ -106,11 +106,13 @@ class Context:
         if probe is not None and probe.planned is not None:
             self._last_plan = json.dumps(probe.planned.as_dict(), sort_keys=True)
 
-    def ensemble_points(self, optimizer: Optimizer, runs: int) -> int:
-        """How many runs' epoch-end probes to take together (:mod:`noisemem.ensemble`): 0
-        for one probe per run, which ``runtime.batched_probes`` asks for (``"auto"``: on
-        CUDA), which reshuffled batches need (each run has batches of its own), and which
-        a budget too small for one run's whole graph leaves. The plan is remembered."""
+    def ensemble_points(self, optimizer: Optimizer, runs: int, remember: bool = True) -> int:
+        """How many runs' probes to take together (:mod:`noisemem.ensemble`): at the epoch
+        ends, their graphs in one; at a fixed probe, their passes of products in one vmapped
+        pass. 0 for one probe per run, which ``runtime.batched_probes`` asks for
+        (``"auto"``: on CUDA), which reshuffled batches need (each run has batches of its
+        own), and which a budget too small for one run's whole graph leaves. The plan is
+        remembered (``remember``) as the chunk's."""
         mode = self.spec.runtime.batched_probes
         wanted = mode == "on" or (mode == "auto" and self.device.startswith("cuda"))
         if not wanted or self.setting.sampling == "reshuffle" or self.spec.runtime.graph_batches:
@@ -119,8 +121,9 @@ class Context:
         plan = ensemble_plan(self.problem, optimizer, budget, runs)
         if plan is None:
             return 0
-        self._last_probe = None
-        self._last_plan = json.dumps(plan.as_dict(), sort_keys=True)
+        if remember:
+            self._last_probe = None
+            self._last_plan = json.dumps(plan.as_dict(), sort_keys=True)
         return plan.points
 
     @property
@@ -341,8 +344,15 @@ def run_chunk(
         for n in steps_of:
             fb = full_batch_prediction(at, opt, n, probe)
             acc = Moments.empty(d)
-            for p, run in zip(indices, runs, strict=True):
-                M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
+            group = ctx.ensemble_points(opt, len(runs), remember=False)
+            if group:  # every run's passes of products at once, through the probe's graph
+                found: list[Tensor] = []
+                for lo in range(0, len(runs), group):
+                    seqs = [r.sequence[: n + 1] for r in runs[lo : lo + group]]
+                    found.extend(corrections_at(probe, opt, seqs))
+            else:
+                found = [sampled_correction(at, probe, opt, _prefix(r, n + 1)) for r in runs]
+            for p, M in zip(indices, found, strict=True):
                 record(name, n, p, M, fb, noise, anti, acc)
             moments.append(rows.moments_row(config, name, n, chunk, acc, len(indices)))
     if spec.probes.epoch_end:
