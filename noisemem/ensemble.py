@@ -35,7 +35,7 @@ from noisemem import window as windows
 from noisemem.correction import check_correction_args, correction_at
 from noisemem.memory import TAIL_TOL
 from noisemem.optim import Optimizer
-from noisemem.probe import HvpRequest, Probe, check_slots, rows_of, slot_reduce
+from noisemem.probe import HvpRequest, Probe, check_slots, graph_vjp, rows_of, slot_reduce
 from noisemem.problem import Problem
 
 
@@ -114,17 +114,9 @@ class EnsembleProbe:
         (``"own"``) for every point, ``(P, d)`` native."""
         P, m = self.points, self.problem.num_batches
         inputs = self._leaves if reduce == "sum" else self._copies
-        pairs = [(g, b) for g, b in zip(self._grads, blocks, strict=True) if g.requires_grad]
-        if not pairs:  # no parameter enters the loss through the graph
+        parts = graph_vjp(self._grads, inputs, blocks, retain)
+        if parts is None:  # no parameter enters the loss through the graph
             return torch.zeros_like(self.native_theta)
-        got = torch.autograd.grad(
-            [g for g, _ in pairs],
-            inputs,
-            [b for _, b in pairs],
-            retain_graph=retain,
-            allow_unused=True,
-        )
-        parts = [torch.zeros_like(t) if o is None else o for o, t in zip(got, inputs, strict=True)]
         if reduce == "sum":
             return torch.cat(parts, 1)
         weighted = [

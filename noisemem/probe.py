@@ -286,19 +286,10 @@ class Probe:
         summed = not r.per_batch
         inputs = graph.leaves if summed else graph.copies
         assert inputs is not None, "per-batch products need a 'copies' graph"
-        # a parameter the loss does not use has a constant zero gradient, outside the graph
-        pairs = [(g, b) for g, b in zip(graph.grads, blocks, strict=True) if g.requires_grad]
-        if not pairs:
+        parts = graph_vjp(graph.grads, inputs, blocks, retain)
+        if parts is None:
             d = self.native_theta.numel()
             return self.native_theta.new_zeros((d,) if summed else (graph.hi - graph.lo, d))
-        out = torch.autograd.grad(
-            [g for g, _ in pairs],
-            inputs,
-            [b for _, b in pairs],
-            retain_graph=retain,
-            allow_unused=True,
-        )
-        parts = [torch.zeros_like(t) if o is None else o for o, t in zip(out, inputs, strict=True)]
         if summed:
             return torch.cat(parts)
         if _is(r.reduce, "rows"):
@@ -341,22 +332,10 @@ class Probe:
                     target[p] = b
             inputs = graph.leaves if reduce == "sum" else graph.copies
             assert inputs is not None
-            pairs = [(g, b) for g, b in zip(graph.grads, stacked, strict=True) if g.requires_grad]
-            if not pairs:
+            parts = graph_vjp(graph.grads, inputs, stacked, retain=True, batched=True)
+            if parts is None:
                 outs.append(self.native_theta.new_zeros((sets, self.native_theta.numel())))
                 continue
-            got = torch.autograd.grad(
-                [g for g, _ in pairs],
-                inputs,
-                [b for _, b in pairs],
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            parts = [
-                t.new_zeros((sets, *t.shape)) if o is None else o
-                for o, t in zip(got, inputs, strict=True)
-            ]
             if reduce == "sum":
                 outs.append(torch.cat(parts, 1))
             else:  # (sets, m, numel) per copy, weighed by the graph's own g_i
@@ -530,6 +509,34 @@ def weighted_row_sum(A: Tensor, B: Tensor, c: Tensor | None = None) -> Tensor:
         else:
             out += c[r0:r1] @ prod
     return out
+
+
+def graph_vjp(
+    grads: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    cotangents: Sequence[Tensor],
+    retain: bool,
+    batched: bool = False,
+) -> list[Tensor] | None:
+    """One backward pass from the batch gradients ``grads`` with ``cotangents`` to
+    ``inputs`` (``batched``: a leading axis of sets of cotangents, vmapped); None when no
+    gradient has a graph. A parameter the loss does not use has a constant zero gradient,
+    outside the graph: its products are zeros."""
+    pairs = [(g, b) for g, b in zip(grads, cotangents, strict=True) if g.requires_grad]
+    if not pairs:
+        return None
+    got = torch.autograd.grad(
+        [g for g, _ in pairs],
+        list(inputs),
+        [b for _, b in pairs],
+        retain_graph=retain,
+        allow_unused=True,
+        is_grads_batched=batched,
+    )
+    lead = (cotangents[0].shape[0],) if batched else ()
+    return [
+        t.new_zeros((*lead, *t.shape)) if o is None else o for o, t in zip(got, inputs, strict=True)
+    ]
 
 
 def check_slots(requests: Sequence[Sequence[HvpRequest | None]]) -> int:

@@ -48,34 +48,28 @@ def sequences(P: int, m: int, seed: int = 2) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("where", ["own_points", "one_point"])
 @pytest.mark.parametrize("model", ["gelu_mlp", "softmax"])
 @pytest.mark.parametrize("opt", OPTIMIZERS, ids=str)
-def test_corrections_equal_one_probe_per_point(model, opt):
+def test_corrections_equal_one_probe_per_sequence(model, opt, where):
+    """Each sequence at its own point (epoch ends: one graph for all) or every sequence at
+    one point (a fixed probe: one vmapped pass of products for all)."""
     optimizer = OPTIMIZERS[opt]
     _, problem, thetas = points(model, P=4)
     seqs = sequences(4, problem.num_batches)
-    M = EnsembleProbe(problem, thetas).corrections(optimizer, seqs)
+    if where == "one_point":
+        thetas = thetas[:1].expand(4, -1)
+        M = corrections_at(Probe(problem.at(thetas[0])), optimizer, seqs)
+    else:
+        M = EnsembleProbe(problem, thetas).corrections(optimizer, seqs)
     assert M.shape == thetas.shape
     for p in range(4):
         want = correction_at(Probe(problem.at(thetas[p])), optimizer, seqs[p])
         assert rel_err(M[p], want) <= 1e-12, (opt, p)
     assert torch.equal(M[-1], torch.zeros_like(M[-1]))  # n = 0: nothing carries memory
-
-
-@pytest.mark.parametrize("model", ["gelu_mlp", "softmax"])
-@pytest.mark.parametrize("opt", OPTIMIZERS, ids=str)
-def test_corrections_at_one_point_equal_one_sequence_at_a_time(model, opt):
-    """A fixed probe's runs: one vmapped pass of products for every sequence."""
-    optimizer = OPTIMIZERS[opt]
-    _, problem, thetas = points(model, P=1)
-    seqs = sequences(4, problem.num_batches)
-    probe = Probe(problem.at(thetas[0]))
-    M = corrections_at(probe, optimizer, seqs)
-    for p, s in enumerate(seqs):
-        want = correction_at(Probe(problem.at(thetas[0])), optimizer, s)
-        assert rel_err(M[p], want) <= 1e-12, (opt, p)
-    grouped = Probe(problem.at(thetas[0]), graph_batches=1)  # no kept graph: one at a time
-    assert rel_err(corrections_at(grouped, optimizer, seqs), M) <= 1e-10
+    if where == "one_point":  # a probe that keeps no graph: one sequence at a time
+        grouped = Probe(problem.at(thetas[0]), graph_batches=1)
+        assert rel_err(corrections_at(grouped, optimizer, seqs), M) <= 1e-10
 
 
 @pytest.mark.parametrize("opt", ["heavy_ball", "adamw", "lion_soft_sign"])
