@@ -97,6 +97,8 @@ def literal_eq9_heavy_ball(problem: Problem, opt: HeavyBall, seq: list[int]) -> 
 def child(device: str, repeats: int) -> None:
     """The measurements, in this (fresh) process; one JSON line per row on stdout."""
     from noisemem import expected_correction, memory_correction
+    from noisemem.correction import correction_at
+    from noisemem.ensemble import EnsembleProbe, corrections_at
     from noisemem.optim import AdamW, HeavyBall
     from noisemem.probe import Probe
     from noisemem.problem import Problem
@@ -154,6 +156,31 @@ def child(device: str, repeats: int) -> None:
     probe = Probe(problem)
     g = probe.full_grad()
     emit("  one backward pass: H v (Probe.full_hvp)", lambda: probe.full_hvp(g), "info")
+    # a study chunk's probes, per run, for 8 runs (runtime.batched_probes; "auto" takes
+    # them together on CUDA): at their own parameters (epoch ends) and at one shared point
+    runs = 8
+    thetas = problem.theta + 0.01 * torch.randn(runs, problem.theta.numel(), device=device)
+    seqs = [np.concatenate([rng.permutation(m) for _ in range(2)]) for _ in range(runs)]
+
+    def one_by_one() -> None:
+        for t, s in zip(thetas, seqs, strict=True):
+            probe = Probe(problem.at(t))
+            correction_at(probe, hb, s)
+            probe.hessian_moments()
+
+    def together() -> None:
+        probes = EnsembleProbe(problem, thetas)
+        probes.corrections(hb, seqs)
+        probes.hessian_moments()
+
+    shared = Probe(problem)
+    shared.native_grads  # noqa: B018 - the graph, built once: what the runs share
+    emit(f"  {runs} runs' epoch-end probes (M, Cov), one by one", one_by_one, "info")
+    emit("  the same, together (EnsembleProbe)", together, "info")
+    emit(f"  {runs} runs' M at one point, one by one", lambda: [
+        correction_at(shared, hb, s) for s in seqs], "info")  # fmt: skip
+    emit("  the same, together (corrections_at)", lambda: corrections_at(
+        shared, hb, seqs), "info")  # fmt: skip
     t_lit = emit(
         "literal Eq. (9) loop, heavy ball, 10 epochs deep",
         lambda: literal_eq9_heavy_ball(problem, hb, seq10),

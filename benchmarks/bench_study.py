@@ -9,7 +9,9 @@
 4. CPU seconds per permutation of the study's work (every chunk and the predictions, in this
    process) against a hand-written loop: torch.optim.SGD(momentum) over the same batch order
    calling noisemem.memory_correction at the same probes (M^(n) at initialisation and at the
-   run's own parameters after each epoch), on ``--hand`` permutations (target >= 4x).
+   run's own parameters after each epoch), on ``--hand`` permutations (target >= 4x); and
+   the study with its runs' probes taken together (``runtime.batched_probes = "on"``, what
+   CUDA does by default).
 
 Parts 2 and 3 are repeated ``--rounds`` times (in-process, Ray 1 actor, Ray 2 actors in each
 round) and print medians with their ranges: single runs on these machines vary by 20%.
@@ -145,7 +147,18 @@ def main() -> None:
     # the spec's probes (init and every epoch end: a graph at each run's own parameters,
     # which nothing can share), and at init only (the probe's graph shared by every run)
     fixed_only = dataclasses.replace(spec, probes=dataclasses.replace(spec.probes, epoch_end=False))
-    for label, variant in (("init and each epoch end", spec), ("init only", fixed_only)):
+    together = dataclasses.replace(
+        spec, runtime=dataclasses.replace(spec.runtime, batched_probes="on")
+    )
+    variants = (
+        ("init and each epoch end", spec),
+        ("init only", fixed_only),
+        (
+            "init and each epoch end, runs' probes together (batched_probes, CUDA's default)",
+            together,
+        ),
+    )
+    for label, variant in variants:
         cpu = [cpu_per_permutation(ctx, variant, args.hand) for _ in range(max(args.rounds, 1))]
         gains = [hand / study for study, hand in cpu]
         print(
