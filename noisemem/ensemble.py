@@ -6,7 +6,8 @@ at its own theta_p, where it needs Eq. (9), the noise direction, Sec. 4's direct
 full-batch prediction. A :class:`~noisemem.probe.Probe` per run builds and traverses P graphs
 one after another: P times the Python calls and kernel launches of one, which is where a GPU
 spends its time on small models. An :class:`EnsembleProbe` gives batch i of point p its own
-copy of theta_p (P m copies in one graph), so that one backward pass returns
+copy of theta_p (P m copies in one graph; the batches themselves are shared, not copied),
+so that one backward pass returns
 ``sum_i H_i(theta_p) w_{p,i}`` for every p at once (at the P leaves), or every product apart
 (at the copies). The flops are those of P probes; the calls are those of one.
 
@@ -57,13 +58,11 @@ class EnsembleProbe:
             c.clone().requires_grad_(True)
             for c in torch.split(self.native_theta, problem.numels, dim=1)
         ]
-        with torch.enable_grad():  # batch i of point p: row p m + i, its own copy of theta_p
-            self._copies = [
-                leaf.unsqueeze(1).expand(P, m, -1).reshape(P * m, -1) for leaf in self._leaves
-            ]
-        index = torch.arange(m, device=self.theta.device).repeat(P)
-        self._grads = problem.batch_grads_at(self._copies, index)  # (P m, numel), with graph
-        self.native_grads = torch.cat([g.detach() for g in self._grads], 1).view(P, m, d)
+        with torch.enable_grad():  # batch i of point p: its own copy (a view) of theta_p
+            self._copies = [leaf.unsqueeze(1).expand(P, m, -1) for leaf in self._leaves]
+        self._grads = problem.points_batch_grads(self._copies)  # (P, m, numel), with graph
+        self.native_grads = torch.cat([g.detach() for g in self._grads], 2)
+        assert self.native_grads.shape == (P, m, d)
         self._hg: Tensor | None = None
         self._moments: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -100,36 +99,32 @@ class EnsembleProbe:
                 if r is None:
                     continue
                 if r.cotangent is None:
-                    parts: Sequence[Tensor] = [g[p * m : (p + 1) * m].detach() for g in self._grads]
+                    parts: Sequence[Tensor] = [g[p].detach() for g in self._grads]
                 else:
                     parts = r.cotangent(0, m)
                 for b, x in zip(blocks, parts, strict=True):
-                    b[p * m : (p + 1) * m] = x
+                    b[p] = x
             out.append(self._backward(blocks, reduce, retain=True))
         return out
 
     def _backward(self, blocks: Sequence[Tensor], reduce: str, retain: bool) -> Tensor:
-        """One backward pass with the cotangent ``blocks`` (one ``(P m, numel)`` per
+        """One backward pass with the cotangent ``blocks`` (one ``(P, m, numel)`` per
         parameter): ``sum_i H_i w_{p,i}`` (``"sum"``) or ``sum_i g_{p,i} * H_i w_{p,i}``
         (``"own"``) for every point, ``(P, d)`` native."""
-        P, m = self.points, self.problem.num_batches
         inputs = self._leaves if reduce == "sum" else self._copies
         parts = graph_vjp(self._grads, inputs, blocks, retain)
         if parts is None:  # no parameter enters the loss through the graph
             return torch.zeros_like(self.native_theta)
         if reduce == "sum":
             return torch.cat(parts, 1)
-        weighted = [
-            (g.detach() * h).view(P, m, -1).sum(1) for g, h in zip(self._grads, parts, strict=True)
-        ]
+        weighted = [(g.detach() * h).sum(1) for g, h in zip(self._grads, parts, strict=True)]
         return torch.cat(weighted, 1)
 
     def _broadcast_pass(self, V: Tensor) -> Tensor:
         """``sum_i H_i(theta_p) V[p]`` for every p (native in and out)."""
         m = self.problem.num_batches
         blocks = [
-            b.unsqueeze(1).expand(-1, m, -1).reshape(self.points * m, -1)
-            for b in torch.split(V, self.problem.numels, dim=1)
+            b.unsqueeze(1).expand(-1, m, -1) for b in torch.split(V, self.problem.numels, dim=1)
         ]
         return self._backward(blocks, "sum", retain=True)
 

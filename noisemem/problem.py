@@ -259,6 +259,18 @@ class Problem:
         # a parameter the loss does not use has zero gradients (and no graph)
         return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, thetas, strict=True)]
 
+    def points_batch_grads(self, thetas: Sequence[Tensor]) -> list[Tensor]:
+        """``g_i(theta_{p,i})`` for every point p and batch i, with their graph kept:
+        ``thetas`` holds one ``(P, m, numel)`` tensor per parameter (row (p, i): batch i's
+        copy of point p's parameters; they must require grad), native order, and so does
+        the result. The batches are shared by the points (a vmap over the points around the
+        vmap over the batches), not copied for each."""
+        per_batch = vmap(self.native_loss)
+        with torch.enable_grad():
+            losses = vmap(per_batch, in_dims=(0, None, None))(list(thetas), self.X, self.Y)
+            grads = torch.autograd.grad(losses.sum(), thetas, create_graph=True, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, thetas, strict=True)]
+
     def shared_batch_grads(
         self, leaves: Sequence[Tensor], batches: slice | Tensor | None = None
     ) -> list[Tensor]:
