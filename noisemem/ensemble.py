@@ -25,7 +25,6 @@ Memory: the P graphs of every batch and O(P m d) vectors at once;
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -170,24 +169,11 @@ class EnsembleProbe:
         check_correction_args(optimizer, tail_tol, "double_backward")
         if len(sequences) != self.points:
             raise ValueError(f"sequences: one per point ({self.points}); got {len(sequences)}")
-        views = _LazyViews(self)
         native = together(
-            views, self.native_theta, optimizer, sequences, tail_tol, self.native_passes
-        )
+            self.problem, self.view, self.native_theta, optimizer, sequences, tail_tol,
+            self.native_passes,
+        )  # fmt: skip
         return self.layout.to_standard(native)
-
-
-class _LazyViews:
-    """The per-point views of an ensemble, made when a window asks."""
-
-    def __init__(self, ensemble: EnsembleProbe) -> None:
-        self.ensemble = ensemble
-        self.made: dict[int, Probe] = {}
-
-    def __getitem__(self, p: int) -> Probe:
-        if p not in self.made:
-            self.made[p] = self.ensemble.view(p)
-        return self.made[p]
 
 
 def corrections_at(
@@ -212,39 +198,30 @@ def corrections_at(
     P = len(sequences)
     thetas = probe.native_theta.expand(P, -1)
     native = together(
-        _Same(probe), thetas, optimizer, sequences, tail_tol, probe.native_batched_hvps
-    )
+        probe.problem, lambda _: probe, thetas, optimizer, sequences, tail_tol,
+        probe.native_batched_hvps,
+    )  # fmt: skip
     return probe.layout.to_standard(native)
 
 
-class _Same:
-    """One probe, the view of every sequence."""
-
-    def __init__(self, probe: Probe) -> None:
-        self.probe = probe
-
-    def __getitem__(self, p: int) -> Probe:
-        return self.probe
-
-
 def together(
-    views: Any,
+    problem: Problem,
+    view_of: Callable[[int], Probe],
     native_thetas: Tensor,
     optimizer: Optimizer,
     sequences: Sequence[Sequence[int] | np.ndarray],
     tail_tol: float,
     passes: Callable[[Sequence[Sequence[HvpRequest | None]]], list[Tensor]],
 ) -> Tensor:
-    """Eq. (9) for P (point, sequence) pairs, native ``(P, d)``: each window on its view
-    (``views[p]``, a :class:`~noisemem.probe.Probe` holding point p's batch gradients) by
-    the strategies of :mod:`noisemem.window` (linear, fused or scan, as ``window="auto"``
-    picks), then every pass of products by ``passes`` for all pairs at once, then each
-    pair's JVP of Phi."""
+    """Eq. (9) for P (point, sequence) pairs of ``problem``, native ``(P, d)``: each window
+    on its view (``view_of(p)``, a :class:`~noisemem.probe.Probe` holding point p's batch
+    gradients) by the strategies of :mod:`noisemem.window` (linear, fused or scan, as
+    ``window="auto"`` picks), then every pass of products by ``passes`` for all pairs at
+    once, then each pair's JVP of Phi."""
     P = native_thetas.shape[0]
     if len(sequences) != P:
         raise ValueError(f"sequences: one per point ({P}); got {len(sequences)}")
-    first = views[0]
-    m, numels = first.problem.num_batches, first.problem.numels
+    m, numels = problem.num_batches, problem.numels
     found = []
     for seq in sequences:
         sig = checks.sequence_array(seq, m)
@@ -255,6 +232,7 @@ def together(
     live = [p for p in range(P) if found[p] is not None]
     if not live:
         return out
+    views = {p: view_of(p) for p in live}
     requests: list[list[HvpRequest | None]] = [[] for _ in range(P)]
     if optimizer.linear:
         for p in live:
