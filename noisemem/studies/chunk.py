@@ -16,6 +16,11 @@ Probe points (where Eq. (9) is evaluated, at the end of every epoch e, n = e m -
   prediction at the same point are in the ``predictions`` table.
 * ``epoch``: each run's own parameters after epoch e, with its own history; each correction
   row carries its comparison with the full-batch prediction and the noise direction there.
+
+With ``runtime.batched_probes`` (on CUDA by default) the runs are taken together at each
+probe (:mod:`noisemem.ensemble`): at the epoch ends the graphs of as many runs as the memory
+budget holds are one graph, at a fixed probe every run's passes of products go through the
+probe's graph in one vmapped pass; the rows are those of one run at a time, to rounding.
 """
 
 from __future__ import annotations
