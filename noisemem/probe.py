@@ -29,6 +29,7 @@ they are the same in either order.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -332,7 +333,7 @@ class Probe:
                     target[p] = b
             inputs = graph.leaves if reduce == "sum" else graph.copies
             assert inputs is not None
-            parts = graph_vjp(graph.grads, inputs, stacked, retain=True, batched=True)
+            parts = self._batched_vjp(graph, inputs, stacked)
             if parts is None:
                 outs.append(self.native_theta.new_zeros((sets, self.native_theta.numel())))
                 continue
@@ -342,6 +343,31 @@ class Probe:
                 own = [(g.detach() * h).sum(1) for g, h in zip(graph.grads, parts, strict=True)]
                 outs.append(torch.cat(own, 1))
         return outs
+
+    def _batched_vjp(
+        self, graph: BatchGraph, inputs: Sequence[Tensor], stacked: Sequence[Tensor]
+    ) -> list[Tensor] | None:
+        """:func:`graph_vjp` of every set of ``stacked`` (leading axis: the sets), vmapped;
+        one set at a time for a model whose graph has an op without a batching rule (the
+        first failure says so once and is remembered for the problem)."""
+        works = self.problem.vmapped_backward
+        if works[0]:
+            try:
+                return graph_vjp(graph.grads, inputs, stacked, retain=True, batched=True)
+            except RuntimeError as err:
+                works[0] = False
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                warnings.warn(
+                    f"noisemem: a vmapped backward pass failed for this model ({first}); "
+                    "its batched passes of products run one set at a time",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        sets = stacked[0].shape[0]
+        each = [graph_vjp(graph.grads, inputs, [b[p] for b in stacked], True) for p in range(sets)]
+        if each[0] is None:
+            return None
+        return [torch.stack(column) for column in zip(*each, strict=True)]
 
     def native_hvp(self, W: Tensor | Sequence[Tensor], summed: bool) -> Tensor:
         """``H_i W[i]`` (or their sum over i), all in the native order; ``W`` is ``(m, d)``

@@ -113,6 +113,9 @@ class Problem:
         # one-slot cells: views made by :meth:`at` share them, so each is read once
         self._layout: list[GradLayout | None] = [layout]
         self._graph_bytes: list[int | None] = [graph_bytes]
+        # whether a vmapped backward pass through the batch gradients' graph works for this
+        # model (False once one failed: some ops have no batching rule); shared by the views
+        self.vmapped_backward: list[bool] = [True]
 
     def at(self, theta: Tensor) -> Problem:
         """The same problem viewed at other flat parameters (data shared, nothing copied)."""

@@ -167,3 +167,38 @@ def test_the_plan_holds_as_many_points_as_the_budget_allows():
     whole = budget.ensemble_plan(problem, opt, int(flat + 100 * one), 10)
     assert whole is not None and whole.points == 10
     assert budget.ensemble_plan(problem, opt, int(flat + 0.9 * one), 10) is None
+
+
+def test_a_model_whose_backward_cannot_be_vmapped_takes_its_sets_one_at_a_time():
+    """GroupNorm's double backward has no batching rule under is_grads_batched: the first
+    batched pass says so once, and the same numbers come one set at a time."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3),
+        torch.nn.GroupNorm(1, 2),
+        torch.nn.GELU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 4 * 4, 3),
+    ).double()
+    gen = torch.Generator().manual_seed(4)
+    batches = [
+        (torch.randn(3, 1, 6, 6, generator=gen, dtype=torch.float64), torch.tensor([0, 2, 1]))
+        for _ in range(4)
+    ]
+    problem = Problem(model, torch.nn.functional.cross_entropy, batches)
+    seqs = [np.array([0, 1, 2, 3, 2, 1]), np.array([3, 2, 1, 0, 0])]
+    for name in ("heavy_ball", "adamw"):
+        optimizer = OPTIMIZERS[name]
+        want = torch.stack([correction_at(Probe(problem), optimizer, s) for s in seqs])
+        if problem.vmapped_backward[0]:
+            with pytest.warns(RuntimeWarning, match="a vmapped backward pass failed"):
+                got = corrections_at(Probe(problem), optimizer, seqs)
+        else:
+            got = corrections_at(Probe(problem), optimizer, seqs)
+        assert problem.vmapped_backward == [False]
+        assert rel_err(got, want) <= 1e-12, name
+        thetas = problem.theta + 0.1 * torch.randn(2, problem.theta.numel(), generator=gen)
+        together = EnsembleProbe(problem, thetas).corrections(optimizer, seqs)
+        for p in range(2):
+            one = correction_at(Probe(problem.at(thetas[p])), optimizer, seqs[p])
+            assert rel_err(together[p], one) <= 1e-12, name
