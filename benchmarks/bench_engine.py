@@ -143,6 +143,8 @@ def child(device: str, repeats: int) -> None:
     emit("AdamW, 10 epochs deep (n=559)", mc(adamw, seq10), "<= 10")
     emit("exact E[M] heavy ball, 10 epochs", lambda: expected_correction(
         model, loss_fn, problem, hb, epochs=10), "<= 6")  # fmt: skip
+    emit("  same, the mean alone (parts=False: one pass)", lambda: expected_correction(
+        model, loss_fn, problem, hb, epochs=10, parts=False), "info")  # fmt: skip
     # the torch window: what a GPU takes (no fused CPU kernel)
     emit("torch window (scan): heavy ball, 1 epoch deep", mc(hb, seq1, window="scan"), "flat")
     emit("torch window (scan): heavy ball, 10 epochs deep", mc(hb, seq10, window="scan"), "flat")

@@ -195,24 +195,32 @@ def exact_expectation(
     step: int,
     epochs: int,
     probe: Probe | None = None,
+    parts: bool = True,
 ) -> Expectation:
     """The exact E[M^(n)] for a linear optimizer (module docstring); g, H g and Cov from
-    ``probe`` (a :class:`Probe` of ``problem``; built here if not given)."""
+    ``probe`` (a :class:`Probe` of ``problem``; built here if not given). ``parts=False``:
+    the mean alone, ``h ((C_full - c_noise) H g + c_noise mean_i H_i g_i)``, in one backward
+    pass instead of two (no full-batch and noise parts)."""
     if not optimizer.linear:
         raise ValueError(f"optimizer: {optimizer.name} is not linear in the gradients")
     C = pair_coefficients(optimizer, step, problem.num_batches)
     s_same, s_diff = noise_scales(sampling, problem.num_batches, problem.batch_size)
     probe = probe if probe is not None else Probe(problem)
     probe.require(None, per_batch=False)  # sums of products only: no (m, d) array
-    if sampling == "reshuffle":
-        samples = Probe(problem.per_sample(), probe.theta, **per_sample_memory(probe))
-        Hg, V = probe.hessian_gradient(), samples.hessian_moments()[2]
-    else:
-        _, Hg, V = probe.hessian_moments()
     c_full = C["same"] + C["epoch"] + C["cross"]
     c_noise = C["same"] * s_same + C["epoch"] * s_diff
-    full_part = optimizer.lr * c_full * Hg
-    noise_part = optimizer.lr * c_noise * V
+    coefficients = {**C, "noise": c_noise, "full": c_full}
+    h = optimizer.lr
+    if not parts:  # V = mean H_i g_i - H g (per sample under reshuffle, where H g is the same)
+        on = probe if sampling != "reshuffle" else per_sample_probe(probe)
+        mean = on.moment_combination(h * c_noise, h * (c_full - c_noise))
+        return Expectation(mean, "exact", sampling, step, epochs, coefficients=coefficients)
+    if sampling == "reshuffle":
+        Hg, V = probe.hessian_gradient(), per_sample_probe(probe).hessian_moments()[2]
+    else:
+        _, Hg, V = probe.hessian_moments()
+    full_part = h * c_full * Hg
+    noise_part = h * c_noise * V
     return Expectation(
         mean=full_part + noise_part,
         method="exact",
@@ -221,8 +229,13 @@ def exact_expectation(
         epochs=epochs,
         full_batch_part=full_part,
         noise_part=noise_part,
-        coefficients={**C, "noise": c_noise, "full": c_full},
+        coefficients=coefficients,
     )
+
+
+def per_sample_probe(probe: Probe) -> Probe:
+    """A probe of the same samples at the same point, each sample a batch of one."""
+    return Probe(probe.problem.per_sample(), probe.theta, **per_sample_memory(probe))
 
 
 def per_sample_memory(probe: Probe) -> dict[str, int | None]:
@@ -284,6 +297,7 @@ def expected_correction(
     step: int | None = None,
     memory_budget: int | float | str | None = None,
     graph_batches: int | None = None,
+    parts: bool = True,
 ) -> Expectation:
     """E[M^(n)] over random batch orders at the model's current parameters.
 
@@ -294,9 +308,13 @@ def expected_correction(
     method uses neither. ``memory_budget`` and ``graph_batches`` as in
     :func:`~noisemem.correction.memory_correction`; the exact method holds no (m, d) array
     (with the graph a group at a time it takes two passes of graphs instead of one).
+    ``parts=False`` (exact method): the mean alone, in one backward pass through the batch
+    gradients' graph instead of two; ``full_batch_part`` and ``noise_part`` are then None.
     """
     require_smooth(optimizer)
     parse_budget(memory_budget)
+    if not isinstance(parts, bool):
+        raise checks.not_allowed("parts", parts, "give True (the mean and its two parts) or False")
     problem = as_problem(model, loss_fn, batches)
     n = _check_expectation_args(
         optimizer, sampling, method, epochs, step, permutations, seed, problem.num_batches
@@ -304,7 +322,7 @@ def expected_correction(
     epochs, seed = int(epochs), int(seed)
     probe = Probe(problem, memory_budget=memory_budget, graph_batches=graph_batches)
     if method == "exact":
-        return exact_expectation(problem, optimizer, sampling, n, epochs, probe)
+        return exact_expectation(problem, optimizer, sampling, n, epochs, probe, parts)
     assert permutations is not None
     permutations = int(permutations)
     acc = monte_carlo_moments(problem, optimizer, sampling, n, range(permutations), seed, probe)

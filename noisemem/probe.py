@@ -82,6 +82,9 @@ class HvpRequest:
 
     cotangent: Cotangent | None
     reduce: str | Tensor = "sum"
+    #: with a cotangent, ``own`` times the graph's own gradients is added to it
+    #: (``w_i = cotangent_i + own g_i``: a combination of two passes in one)
+    own: float = 0.0
 
     @property
     def per_batch(self) -> bool:
@@ -284,6 +287,11 @@ class Probe:
             blocks: Sequence[Tensor] = [g.detach() for g in graph.grads]
         else:
             blocks = r.cotangent(graph.lo, graph.hi)
+            if r.own:
+                blocks = [
+                    torch.add(b, g.detach(), alpha=r.own)
+                    for b, g in zip(blocks, graph.grads, strict=True)
+                ]
         summed = not r.per_batch
         inputs = graph.leaves if summed else graph.copies
         assert inputs is not None, "per-batch products need a 'copies' graph"
@@ -474,6 +482,21 @@ class Probe:
                 self.layout.to_standard(cov),
             )
         return self._moments
+
+    def moment_combination(self, a: float, b: float) -> Tensor:
+        """``a mean_i H_i g_i + b H g`` (a combination of Cov's two terms): from
+        :meth:`hessian_moments` when they are known, else one backward pass with the
+        cotangent ``(a g_i + b g) / m`` (after a pass without a graph for g when the graphs
+        are grouped and g is not known)."""
+        if self._moments is not None:
+            _, Hg, cov = self._moments
+            return a * (cov + Hg) + b * Hg
+        m, numels = self.problem.num_batches, self.problem.numels
+        if self._kept is None and self._grads is None:
+            self._kind = self._summed_kind()  # only sums of products are needed here
+        g = self._full_grad()
+        request = HvpRequest(broadcast(g * (b / m), numels), own=a / m)
+        return self.layout.to_standard(self.native_hvps([request])[0])
 
     # -- the momentum variables and F^(n) with every history slot at theta ---------------
     def native_sources(self, optimizer: Optimizer) -> list[Tensor]:

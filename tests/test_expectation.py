@@ -11,8 +11,14 @@ import torch
 from conftest import make_tiny, rel_err
 
 from noisemem import expected_correction, full_batch_correction, memory_correction
-from noisemem.expectation import monte_carlo_moments, pair_coefficients, sample_run
+from noisemem.expectation import (
+    exact_expectation,
+    monte_carlo_moments,
+    pair_coefficients,
+    sample_run,
+)
 from noisemem.optim import AdamW, HeavyBall, Lion, Nesterov
+from noisemem.probe import Probe
 from noisemem.problem import Problem
 
 LINEAR = {"heavy_ball": HeavyBall(0.1, 0.9), "nesterov": Nesterov(0.1, 0.7)}
@@ -49,6 +55,42 @@ def test_exact_permute_equals_average_over_every_permutation(opt, epochs, step):
     if n > 0:
         assert float(exact.noise_part.norm()) > 1e-3 * float(brute.norm())
         assert rel_err(exact.noise_part, brute - fb) < 1e-9
+
+
+@pytest.mark.parametrize("graph_batches", [None, 1])
+@pytest.mark.parametrize("sampling", ["permute", "reshuffle", "replacement"])
+@pytest.mark.parametrize("opt", sorted(LINEAR))
+def test_the_mean_alone_in_one_pass_equals_the_mean_of_the_parts(opt, sampling, graph_batches):
+    """parts=False: one backward pass for the combination of H g and mean_i H_i g_i; the
+    kept graph and graphs of one batch at a time alike, and the brute force mean."""
+    tiny = make_tiny("gelu_mlp", num_batches=3)
+    kw = {"epochs": 2, "step": 4, "sampling": sampling, "graph_batches": graph_batches}
+    optimizer = LINEAR[opt]
+    full = expected_correction(tiny.model, tiny.loss_fn, tiny.batches, optimizer, **kw)
+    alone = expected_correction(
+        tiny.model, tiny.loss_fn, tiny.batches, optimizer, parts=False, **kw
+    )
+    assert alone.full_batch_part is None and alone.noise_part is None
+    assert alone.coefficients == full.coefficients
+    assert rel_err(alone.mean, full.mean) < 1e-12
+    if sampling == "permute":
+        perms = list(itertools.permutations(range(3)))
+        runs = [(tiny.batches, list(a + b)[:5]) for a, b in itertools.product(perms, repeat=2)]
+        assert rel_err(alone.mean, average_over(tiny, optimizer, runs)) < 1e-9
+
+
+def test_the_mean_alone_takes_known_moments_without_a_pass():
+    tiny = make_tiny("softmax", num_batches=3)
+    problem = Problem(tiny.model, tiny.loss_fn, tiny.batches)
+    optimizer = LINEAR["heavy_ball"]
+    known = Probe(problem)
+    known.hessian_moments()
+    passes = []
+    original = known.native_hvps
+    known.native_hvps = lambda requests: passes.append(len(requests)) or original(requests)
+    got = exact_expectation(problem, optimizer, "permute", 4, 2, known, parts=False)
+    fresh = exact_expectation(problem, optimizer, "permute", 4, 2, Probe(problem), parts=False)
+    assert passes == [] and rel_err(got.mean, fresh.mean) < 1e-12
 
 
 @pytest.mark.parametrize("opt", sorted(LINEAR))
@@ -89,9 +131,6 @@ def test_exact_reshuffle_equals_average_over_every_sample_ordering(opt, epochs, 
 def test_exact_expectation_at_other_parameters_uses_them_for_every_part():
     """problem.at(theta2) must give what a model sitting at theta2 gives, reshuffle included
     (its noise direction is computed on a per-sample view of the problem)."""
-    from noisemem.expectation import exact_expectation
-    from noisemem.problem import Problem
-
     tiny = make_tiny("gelu_mlp", num_batches=2, batch_size=2)
     opt = LINEAR["heavy_ball"]
     theta2 = tiny.theta + 0.3 * torch.randn(tiny.theta.shape, dtype=torch.float64)
@@ -284,6 +323,7 @@ BAD = [
     ({"method": "monte_carlo", "permutations": 4, "seed": 1.5}, "seed=1.5"),
     ({"method": "monte_carlo", "permutations": 4, "seed": None}, "seed=None"),
     ({"method": "monte_carlo", "permutations": 4, "seed": True}, "seed=True"),
+    ({"parts": "no"}, "parts='no'"),
 ]
 
 
