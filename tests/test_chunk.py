@@ -212,6 +212,25 @@ def test_a_budget_too_small_for_the_ensemble_takes_one_probe_per_run(data):
     assert context(spec, data).ensemble_points(opt, 2) == 0  # each run has its own batches
 
 
+def test_actors_sharing_a_gpu_plan_within_their_share_of_its_free_memory(data, monkeypatch):
+    import dataclasses
+
+    import noisemem.studies.chunk as chunk
+
+    free = 10 * 2**30
+    monkeypatch.setattr(chunk, "available_memory", lambda device: free)
+    base = small_spec()
+    shared = {**base.raw["runtime"], "gpus_per_actor": 0.25}
+    spec = StudySpec.from_dict({**base.raw, "runtime": shared})
+    ctx = dataclasses.replace(context(spec, data), device="cuda:0")  # the rule, not a GPU
+    assert ctx.memory_budget == free // 4
+    whole = dataclasses.replace(context(base, data), device="cuda:0")
+    assert whole.memory_budget is None  # the device's free memory, read by each probe
+    assert context(spec, data).memory_budget is None  # a CPU actor: the machine's
+    given = StudySpec.from_dict({**base.raw, "runtime": {**shared, "memory_budget": "1GiB"}})
+    assert dataclasses.replace(context(given, data), device="cuda:0").memory_budget == "1GiB"
+
+
 def test_divergent_runs_are_recorded_not_crashed(data):
     raw_spec = small_spec()
     raw = dict(raw_spec.raw)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from noisemem.budget import ensemble_plan, parse_budget
+from noisemem.budget import available_memory, ensemble_plan, parse_budget
 from noisemem.ensemble import EnsembleProbe, corrections_at
 from noisemem.expectation import SampledRun, exact_expectation, sample_run, sampled_correction
 from noisemem.full_batch import NoClosedForm, closed_form_at, full_batch_prediction
@@ -102,7 +102,7 @@ class Context:
         self._remember_plan()
         r = self.spec.runtime
         q = r.graph_batches if r.graph_batches and r.graph_batches <= at.num_batches else None
-        probe = Probe(at, memory_budget=r.memory_budget, graph_batches=q)
+        probe = Probe(at, memory_budget=self.memory_budget, graph_batches=q)
         self._last_probe = weakref.ref(probe)
         return probe
 
@@ -110,6 +110,19 @@ class Context:
         probe = self._last_probe() if self._last_probe is not None else None
         if probe is not None and probe.planned is not None:
             self._last_plan = json.dumps(probe.planned.as_dict(), sort_keys=True)
+
+    @property
+    def memory_budget(self) -> int | str | None:
+        """What this actor's probes may hold: ``runtime.memory_budget``; without one, on a
+        GPU shared by several actors (``runtime.gpus_per_actor`` < 1), this actor's share of
+        the device's free memory (each would otherwise plan for all of it); else None, the
+        device's free memory."""
+        r = self.spec.runtime
+        if r.memory_budget is not None:
+            return r.memory_budget
+        if self.device.startswith("cuda") and r.gpus_per_actor < 1:
+            return max(1, int(available_memory(torch.device(self.device)) * r.gpus_per_actor))
+        return None
 
     def ensemble_points(self, optimizer: Optimizer, runs: int, remember: bool = True) -> int:
         """How many runs' probes to take together (:mod:`noisemem.ensemble`): at the epoch
@@ -122,7 +135,7 @@ class Context:
         wanted = mode == "on" or (mode == "auto" and self.device.startswith("cuda"))
         if not wanted or self.setting.sampling == "reshuffle" or self.spec.runtime.graph_batches:
             return 0
-        budget = parse_budget(self.spec.runtime.memory_budget)
+        budget = parse_budget(self.memory_budget)
         plan = ensemble_plan(self.problem, optimizer, budget, runs)
         if plan is None:
             return 0
