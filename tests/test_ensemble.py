@@ -202,3 +202,21 @@ def test_a_model_whose_backward_cannot_be_vmapped_takes_its_sets_one_at_a_time()
         for p in range(2):
             one = correction_at(Probe(problem.at(thetas[p])), optimizer, seqs[p])
             assert rel_err(together[p], one) <= 1e-12, name
+
+
+def test_a_point_that_is_not_finite_leaves_the_others_alone():
+    """A run whose parameters blew up shares the graph with the others: its rows are not
+    finite (the chunk records it as diverged), theirs are what one probe each gives."""
+    _, problem, thetas = points("gelu_mlp", P=3)
+    thetas = thetas.clone()
+    thetas[1, 0] = float("inf")
+    seqs = [*sequences(3, problem.num_batches)[:2], np.array([2, 0, 1, 3])]
+    for name in ("heavy_ball", "adamw"):
+        probes = EnsembleProbe(problem, thetas)
+        M = probes.corrections(OPTIMIZERS[name], seqs)
+        cov = probes.hessian_moments()[2]
+        assert not bool(torch.isfinite(M[1]).all()) and not bool(torch.isfinite(cov[1]).all())
+        for p in (0, 2):
+            one = Probe(problem.at(thetas[p]))
+            assert rel_err(M[p], correction_at(one, OPTIMIZERS[name], seqs[p])) <= 1e-12
+            assert rel_err(cov[p], one.hessian_moments()[2]) <= 1e-12
