@@ -35,6 +35,12 @@ def not_allowed(
     return error(f"{prefix}{name}={value!r} is not allowed; {allowed}")
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
 def is_integer(value: object) -> bool:
     """A Python or numpy integer, not a bool."""
     return isinstance(value, int | np.integer) and not isinstance(value, _BOOLS)

@@ -313,8 +313,7 @@ def expected_correction(
     """
     require_smooth(optimizer)
     parse_budget(memory_budget)
-    if not isinstance(parts, bool):
-        raise checks.not_allowed("parts", parts, "give True (the mean and its two parts) or False")
+    checks.flag("parts", parts)
     problem = as_problem(model, loss_fn, batches)
     n = _check_expectation_args(
         optimizer, sampling, method, epochs, step, permutations, seed, problem.num_batches

@@ -364,9 +364,9 @@ class Probe:
                 return graph_vjp(graph.grads, inputs, stacked, retain=True, batched=True)
             except RuntimeError as err:
                 works[0] = False
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 warnings.warn(
-                    f"noisemem: a vmapped backward pass failed for this model ({first}); "
+                    f"noisemem: a vmapped backward pass failed for this model "
+                    f"({checks.first_line(err)}); "
                     "its batched passes of products run one set at a time",
                     RuntimeWarning,
                     stacklevel=3,

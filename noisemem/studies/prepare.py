@@ -51,8 +51,8 @@ def open_store(spec: StudySpec) -> Store:
         info = store.fs.get_file_info(store.root)
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"output={spec.output!r} cannot be reached ({_first_line(err)}); check the URI and "
-            "its credentials, or give a local path"
+            f"output={spec.output!r} cannot be reached ({checks.first_line(err)}); check the URI "
+            "and its credentials, or give a local path"
         ) from err
     if info.type == pafs.FileType.File:
         raise ValueError(f"output={spec.output!r} is a file; give a directory for the store")
@@ -92,11 +92,6 @@ def check_writable_dir(name: str, path: str) -> None:
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder) or not _writable(folder):
         raise ValueError(f"{name}={path!r} cannot be written ({folder!r} is not a writable folder)")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def load_data(spec: StudySpec) -> tuple[Any, Any, DataInfo]:
@@ -161,7 +156,7 @@ def check_memory(spec: StudySpec, x: Any, y: Any, info: DataInfo) -> None:
 def _unreadable(spec: StudySpec, err: BaseException) -> str:
     return (
         f"data.source={spec.data.source!r} cannot be read ({type(err).__name__}: "
-        f"{_first_line(err)})"
+        f"{checks.first_line(err)})"
     )
 
 
