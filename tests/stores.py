@@ -22,8 +22,8 @@ import torch
 
 from noisemem.studies import rows
 from noisemem.studies.chunk import Context, predictions, run_chunk
-from noisemem.studies.data import prepare
 from noisemem.studies.plan import Chunks
+from noisemem.studies.prepare import load_data
 from noisemem.studies.spec import StudySpec
 from noisemem.studies.store import Store, open_for
 
@@ -136,15 +136,7 @@ def build(
 
 
 def _build(spec: StudySpec, skip: Callable[[str, int | None], bool]) -> str:
-    x, y, info = prepare(
-        spec.data.source,
-        limit=spec.data.limit,
-        normalize=spec.data.normalize,
-        label_column=spec.data.label_column,
-        split=spec.data.split,
-        seed=spec.seed[0],
-    )
-    spec.check_data_size(info.num_samples)
+    x, y, info = load_data(spec)  # as a study loads it, checked against the spec
     chunks = Chunks.of(spec)
     store = Store(spec.output)
     open_for(store, spec, info.as_dict(), chunks.count)
