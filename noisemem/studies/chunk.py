@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,6 +295,50 @@ def train_ensemble(ctx: Context, optimizer: Optimizer, runs: Sequence[SampledRun
     return Ensemble(losses, accs, norms, batch_idx, diverged, epoch_thetas)
 
 
+def _fixed_corrections(
+    ctx: Context, optimizer: Optimizer, at: Problem, probe: Probe, runs: list[SampledRun], n: int
+) -> list[Tensor]:
+    """Each run's M^(n) at a fixed probe: every run's passes of products at once through the
+    probe's graph where the runs are taken together (:meth:`Context.ensemble_points`), else
+    one run at a time."""
+    group = ctx.ensemble_points(optimizer, len(runs), remember=False)
+    if not group:
+        return [sampled_correction(at, probe, optimizer, _prefix(r, n + 1)) for r in runs]
+    found: list[Tensor] = []
+    for lo in range(0, len(runs), group):
+        found.extend(
+            corrections_at(probe, optimizer, [r.sequence[: n + 1] for r in runs[lo : lo + group]])
+        )
+    return found
+
+
+def _epoch_probes(
+    ctx: Context,
+    optimizer: Optimizer,
+    n: int,
+    thetas: Tensor,
+    live: list[tuple[int, int, SampledRun]],
+) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor | None]]:
+    """``(p, M, full-batch prediction, noise direction, Sec. 4's d or None)`` for each live
+    run ``(j, p, run)`` at its own parameters ``thetas[j]`` after step n: in groups that
+    share one graph where the runs are taken together, else one probe per run."""
+    group = ctx.ensemble_points(optimizer, len(live))
+    if group:
+        for lo in range(0, len(live), group):
+            part = live[lo : lo + group]
+            points = torch.stack([thetas[j] for j, _, _ in part])
+            found = _epoch_probes_together(ctx, optimizer, n, points, [r for _, _, r in part])
+            for (_, p, _), values in zip(part, found, strict=True):
+                yield (p, *values)
+        return
+    for j, p, run in live:
+        at = ctx.problem.at(thetas[j])
+        probe = ctx.probe(at)
+        noise, anti = ctx.noise_direction(at, probe), anti_direction(optimizer, probe)
+        fb = full_batch_prediction(at, optimizer, n, probe)
+        yield p, sampled_correction(at, probe, optimizer, _prefix(run, n + 1)), fb, noise, anti
+
+
 def _epoch_probes_together(
     ctx: Context, optimizer: Optimizer, n: int, thetas: Tensor, runs: Sequence[SampledRun]
 ) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
@@ -362,14 +406,7 @@ def run_chunk(
         for n in steps_of:
             fb = full_batch_prediction(at, opt, n, probe)
             acc = Moments.empty(d)
-            group = ctx.ensemble_points(opt, len(runs), remember=False)
-            if group:  # every run's passes of products at once, through the probe's graph
-                found: list[Tensor] = []
-                for lo in range(0, len(runs), group):
-                    seqs = [r.sequence[: n + 1] for r in runs[lo : lo + group]]
-                    found.extend(corrections_at(probe, opt, seqs))
-            else:
-                found = [sampled_correction(at, probe, opt, _prefix(r, n + 1)) for r in runs]
+            found = _fixed_corrections(ctx, opt, at, probe, runs, n)
             for p, M in zip(indices, found, strict=True):
                 record(name, n, p, M, fb, noise, anti, acc)
             moments.append(rows.moments_row(config, name, n, chunk, acc, len(indices)))
@@ -381,22 +418,8 @@ def run_chunk(
                 for j, (p, run) in enumerate(zip(indices, runs, strict=True))
                 if ens.diverged_at[j] is None or ens.diverged_at[j] > n + 1  # type: ignore[operator]
             ]
-            group = ctx.ensemble_points(opt, len(live))
-            if group:
-                for lo in range(0, len(live), group):
-                    part = live[lo : lo + group]
-                    thetas = torch.stack([ens.epoch_thetas[e][j] for j, _, _ in part])
-                    found = _epoch_probes_together(ctx, opt, n, thetas, [r for _, _, r in part])
-                    for (_, p, _), (M, fb, noise, anti) in zip(part, found, strict=True):
-                        record("epoch", n, p, M, fb, noise, anti, acc)
-            else:
-                for j, p, run in live:
-                    at = ctx.problem.at(ens.epoch_thetas[e][j])
-                    probe = ctx.probe(at)
-                    noise, anti = ctx.noise_direction(at, probe), anti_direction(opt, probe)
-                    fb = full_batch_prediction(at, opt, n, probe)
-                    M = sampled_correction(at, probe, opt, _prefix(run, n + 1))
-                    record("epoch", n, p, M, fb, noise, anti, acc)
+            for p, M, fb, noise, anti in _epoch_probes(ctx, opt, n, ens.epoch_thetas[e], live):
+                record("epoch", n, p, M, fb, noise, anti, acc)
             moments.append(rows.moments_row(config, "epoch", n, chunk, acc, len(indices)))
     step_rows = _step_rows(ctx, config, indices, runs, ens) if spec.record.steps else []
     seconds = (time.perf_counter() - t0) / max(len(indices), 1)
@@ -413,7 +436,7 @@ def run_chunk(
             device=ctx.device,
             memory_plan=ctx.memory_plan,
         )
-        for j, p in enumerate(indices)
+        for p in indices
     ]
     return {"runs": run_rows, "steps": step_rows, "corrections": corrections, "moments": moments}
 
