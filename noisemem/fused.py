@@ -191,7 +191,13 @@ def window(
             wts[s] = weights[l]
     # only the slots that are asked for get an (m, d) output; the other is never written
     wanted = [l is not None and l in weights for l in slots]
-    outs = [np.zeros((m, d) if want else (1, 1), dtype=np_dtype) for want in wanted]
+    first = first_writes(target, wts)
+    outs = [uninitialised((m, d) if want else (1, 1), np_dtype) for want in wanted]
+    for s, want in enumerate(wanted):
+        if want:  # the rows of batches without a weighted step: never written, so zeroed
+            unwritten = np.ones(m, dtype=np.bool_)
+            unwritten[target[first[s]]] = False
+            outs[s][unwritten] = 0.0
     ends = np.empty((2, d), dtype=np_dtype)  # the unscaled sums after the window
     block = _block(K)
     scalar = np_dtype
@@ -214,6 +220,7 @@ def window(
             f.kind,
             scalar(f.eps),
             wts,
+            first,
             outs[0],
             outs[1],
             ends,
@@ -230,6 +237,24 @@ def window(
             sign = sign_a if s == 0 else 1.0  # back to the variable's own source
             after[l] = sign * torch.from_numpy(ends[s])
     return out, after
+
+
+def uninitialised(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Memory for an output whose every element is written before it is read (its values
+    are whatever the allocator left: the tests fill it with NaN to show none leaks)."""
+    return np.empty(shape, dtype=dtype)
+
+
+def first_writes(target: np.ndarray, wts: np.ndarray) -> np.ndarray:
+    """``(2, K)`` flags: step r is the first of the kernel's writes to row ``target[r]`` of
+    slot s's output (the kernel runs the steps backwards, so the batch's last step with a
+    nonzero weight). The output rows then need no zeroing first (an (m, d) memset)."""
+    first = np.zeros(wts.shape, dtype=np.bool_)
+    for s in range(wts.shape[0]):
+        steps = np.flatnonzero(wts[s])[::-1]  # weighted steps, last first
+        _, at = np.unique(target[steps], return_index=True)
+        first[s, steps[at]] = True
+    return first
 
 
 #: the kernel's per-thread rows of F, kept between calls (at most ``buffer(K)`` numbers):
@@ -271,6 +296,7 @@ def _kernel(parallel: bool) -> Any:
         kind: int,
         eps: float,
         wts: np.ndarray,
+        first: np.ndarray,
         Wa: np.ndarray,
         Wq: np.ndarray,
         ends: np.ndarray,
@@ -335,8 +361,12 @@ def _kernel(parallel: bool) -> Any:
                         w = wts[slot, r]
                         if w != 0.0:
                             out = Wa[i, j0:j1] if slot == 0 else Wq[i, j0:j1]
-                            for j in range(n):
-                                out[j] += w * U[j]
+                            if first[slot, r]:  # the row's first write: no zeroed row to add to
+                                for j in range(n):
+                                    out[j] = w * U[j]
+                            else:
+                                for j in range(n):
+                                    out[j] += w * U[j]
 
     kernel.__qualname__ = "window_parallel" if parallel else "window_serial"  # own disk caches
     try:

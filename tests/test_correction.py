@@ -434,6 +434,34 @@ def test_fused_kernel_in_coordinate_blocks_matches_torch_and_literal(monkeypatch
     assert used == [parallel, parallel]  # the kernel ran, in float64 and in float32
 
 
+@pytest.mark.parametrize("hvp", ["double_backward", "vmap"])
+@pytest.mark.parametrize("seq", ["repeats", "two_epochs"])
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_fused_kernel_writes_every_output_row_before_reading_it(monkeypatch, opt, seq, hvp):
+    """The kernel's (m, d) outputs are not zeroed first: a row starts at the batch's first
+    weighted step. With that memory filled with NaN, M still equals the torch path's, also
+    for batch 3, which the "repeats" window never visits (its row is zeroed apart, and the
+    graph's backward pass reads it)."""
+    tiny = make_tiny("gelu_mlp")
+    optimizer, sequence = OPTIMIZERS[opt], SEQUENCES[seq]
+    filled = []
+
+    def nan_filled(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        filled.append(shape)
+        return np.full(shape, np.nan, dtype=dtype)
+
+    def ours(window: str) -> torch.Tensor:
+        return memory_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, optimizer, sequence, hvp=hvp, window=window
+        )
+
+    monkeypatch.setattr(fused, "uninitialised", nan_filled)
+    got = ours("fused")
+    assert (len(tiny.batches), tiny.theta.numel()) in filled  # the kernel's outputs were NaN
+    assert torch.isfinite(got).all()
+    assert rel_err(got, ours("dense")) < 1e-12
+
+
 def test_fused_kernel_compiles_where_numba_cannot_cache(monkeypatch):
     """A read-only install with no writable home leaves numba no cache location; the kernel
     must then compile without one instead of failing the correction."""
