@@ -19,9 +19,10 @@ against the literal Eq. (9):
   and scatter in one pass per block of coordinates), for optimizers whose Phi has a
   :class:`~noisemem.optim.Form`.
 * :func:`linear`: optimizers linear in the gradients (``Phi = sum_l m_l``, GRAD sources):
-  the w_{l,i} of the kernel (CPU) or the scan, combined into one cotangent
-  ``sum_l b_l^(n+1) w_{l,i}``, and one summed Hessian-vector product:
-  ``M = h sum_i H_i W_i``.
+  one cotangent ``W_i = sum_l b_l^(n+1) w_{l,i}`` and one summed Hessian-vector product,
+  ``M = h sum_i H_i W_i``. W comes from the kernel (CPU), or in torch as ``A G`` with the
+  (m, m) coefficients A computed from the window's steps alone (:func:`linear_coefficients`:
+  flat in the depth, one matrix product), or from the scan where that costs less.
 * :func:`online`: O(L d) memory: no batch gradient or w_{l,i} is kept; the window is run
   forward in blocks of steps, each block with the graph of its own batches, and its
   products ``H_{sigma(s)} u`` taken there (:func:`online`). About one pass of products per
@@ -554,11 +555,30 @@ def linear(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     return optimizer.lr * probe.native_hvp(combined, summed=True)
 
 
+#: the torch path of :func:`linear_cotangent` takes the coefficient matrix when
+#: m^2 <= ratio K: one (m, m) @ (m, d) product (2 m^2 d flops) against the scan's O(K d)
+#: elementwise passes. On a CPU (digits MLP, one thread) the two break even near
+#: m^2 / K = 60-100 (m = 56: 4.2 against 4.8 ms one epoch deep, 4.5 against 19.5 ten
+#: deep; m = 224: 33 against 13 ms). On a GPU, from its ratio of flops to memory speed
+#: (not measured here): about 1000, the scan's kernel launches aside
+COEFFICIENT_RATIO = {"cpu": 64, "cuda": 1024}
+#: at most this many numbers (K m) in each of the coefficient computation's arrays
+MAX_COEFFICIENTS = 1 << 22
+#: None: choose by :data:`COEFFICIENT_RATIO`; True/False forces one way (tests)
+LINEAR_COEFFICIENTS: bool | None = None
+
+
 def linear_cotangent(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
-    """``W_i = sum_l b_l^(n+1) w_{l,i}`` (m, d) of :func:`linear`: ``M^(n) = h sum_i H_i W_i``."""
+    """``W_i = sum_l b_l^(n+1) w_{l,i}`` (m, d) of :func:`linear`: ``M^(n) = h sum_i H_i W_i``.
+    From the fused kernel (CPU), else ``A G`` with the coefficients of
+    :func:`linear_coefficients` (flat in the depth) or the scan, whichever costs less."""
     usable = fused_kernel.usable(optimizer, probe.native_theta)
     if usable and fused_kernel.buffer(w.K) <= MAX_WINDOW_ELEMENTS:
         W, _ = fused_vectors(probe, optimizer, w)
+    elif takes_coefficients(probe, w):
+        G = probe.native_grads
+        A = linear_coefficients(optimizer, w, G.shape[0])
+        return torch.as_tensor(A, dtype=G.dtype, device=G.device) @ G
     else:
         W, _ = scan_vectors(probe, optimizer, w)
     b_n = w.scales[:, -1]
@@ -573,6 +593,50 @@ def linear_cotangent(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
             combined.add_(x, alpha=b)
     assert combined is not None
     return combined
+
+
+def takes_coefficients(probe: Probe, w: Window) -> bool:
+    """Whether :func:`linear_cotangent`'s torch path takes ``A G`` (else the scan)."""
+    if LINEAR_COEFFICIENTS is not None:
+        return LINEAR_COEFFICIENTS
+    m = probe.problem.num_batches
+    # another accelerator: a GPU's ratio
+    ratio = COEFFICIENT_RATIO.get(probe.native_theta.device.type) or COEFFICIENT_RATIO["cuda"]
+    return w.K * m <= MAX_COEFFICIENTS and m * m <= ratio * w.K
+
+
+def linear_coefficients(optimizer: Optimizer, w: Window, m: int) -> np.ndarray:
+    """``A`` (m, m), float64, with ``W = A G`` for :func:`linear_cotangent` (a linear
+    optimizer: Phi = sum_l m_l, every source g), from the window's steps alone.
+
+    Row s - start of ``F`` holds the coefficients of F^(s) over the batches: each momentum
+    ``m_l^(s+1) = b_l^(s+1) S_l^(s)`` is a decayed count of the one-hot batch indicators
+    (:func:`decay_filter`) from the variable's sum before the window; their suffix sums are
+    those of the u_k, and the rows grouped by batch with the weights
+    ``sum_l b_l^(n+1) beta_l^(n-s)`` give A. O(K m) numbers, nothing of size d: flat in the
+    depth, and a GPU's one matrix product.
+    """
+    variables = optimizer.variables
+    sig, start, n, K = w.sequence, w.start, w.n, w.K
+    targets = w.targets
+    onehot = np.zeros((K, m))
+    onehot[np.arange(K), targets] = 1.0
+    F = np.zeros((K, m))
+    for l, v in enumerate(variables):
+        before = decay_weights(sig[:start], v.beta, m, v.source)
+        F += w.scales[l, :K, None] * decay_filter(onehot, v.beta, before)
+    U = np.cumsum(F[::-1], axis=0)[::-1]  # the u of step s: sum_{s'=s..n-1} F^(s')
+    steps = np.arange(start, n)
+    b_n = w.scales[:, -1]
+    weight = np.zeros(K)
+    for l in w.memory:
+        weight += b_n[l] * memory_weights(variables[l].beta, steps, n, w.tail_tol)
+    rows = weight[:, None] * U
+    order = np.argsort(targets, kind="stable")  # the steps of each batch together
+    batches, first = np.unique(targets[order], return_index=True)
+    A = np.zeros((m, m))
+    A[batches] = np.add.reduceat(rows[order], first, axis=0)
+    return A
 
 
 def dense(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:

@@ -16,6 +16,8 @@ from test_chunk import small_spec
 from test_correction import OPTIMIZERS, SEQUENCES
 from torch import Tensor
 
+import noisemem.fused as fused
+import noisemem.window as windows
 from noisemem import (
     expected_correction,
     full_batch_correction,
@@ -139,8 +141,9 @@ def test_every_engine_path_and_a_study_chunk_match_on_cuda() -> None:
 
 def scale_outputs(device: str) -> dict[str, Tensor]:
     """The paths of bounded memory and of the torch window on ``device``: the blocked scan
-    (a GPU's default window), the online window (O(L d)), graphs a batch at a time, the
-    exact expectation a batch at a time, and the memory plan's own measurement."""
+    (a GPU's default window), a linear optimizer's coefficients and scan without the fused
+    kernel, the online window (O(L d)), graphs a batch at a time, the exact expectation a
+    batch at a time, and the memory plan's own measurement."""
     from noisemem.budget import available_memory, plan_memory
 
     tiny = make_tiny("gelu_mlp")
@@ -160,6 +163,14 @@ def scale_outputs(device: str) -> dict[str, Tensor]:
         out[f"M/{name}/scan/vmap/grouped"] = memory_correction(
             model, loss_fn, batches, opt, seq, window="scan", hvp="vmap", graph_batches=3
         )
+    for name in ("heavy_ball", "nesterov"):  # a linear optimizer's torch path, both ways
+        for coefficients in (True, False):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(fused, "usable", lambda *_: False)  # as on a GPU
+                patch.setattr(windows, "LINEAR_COEFFICIENTS", coefficients)
+                out[f"M/{name}/torch/{coefficients}"] = memory_correction(
+                    model, loss_fn, batches, OPTIMIZERS[name], seq
+                )
     for sampling in ("permute", "reshuffle"):
         e = expected_correction(
             model, loss_fn, batches, OPTIMIZERS["heavy_ball"], epochs=2, sampling=sampling,
@@ -200,7 +211,9 @@ def test_scale_paths_compare_on_cpu() -> None:
     for name, opt in OPTIMIZERS.items():
         default = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq)
         assert rel_err(first[f"M/{name}/scan"], default) < 1e-9
-        for key in (f"M/{name}/online/grouped", f"M/{name}/auto/grouped"):
+        keys = [f"M/{name}/online/grouped", f"M/{name}/auto/grouped"]
+        keys += [f"M/{name}/torch/{coefficients}" for coefficients in (True, False)]
+        for key in keys:
             if key in first:
                 assert rel_err(first[key], default) < 1e-9
     problem = Problem(tiny.model, tiny.loss_fn, tiny.batches)

@@ -11,6 +11,7 @@ from conftest import make_tiny, rel_err
 from oracles import literal_correction
 from test_correction import OPTIMIZERS, SEQUENCES
 
+import noisemem.fused as fused
 import noisemem.window as windows
 from noisemem import expected_correction, memory_correction
 from noisemem.budget import (
@@ -98,6 +99,71 @@ def test_every_window_drops_the_same_tail(window, block_form):
     ref = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq, window="dense", **kw)
     ours = memory_correction(tiny.model, tiny.loss_fn, tiny.batches, opt, seq, window=window, **kw)
     assert rel_err(ours, ref) < 1e-10
+
+
+#: sequences for a linear optimizer's torch path: (steps, tail_tol); "truncated" starts its
+#: window after step 0 (the momenta's sums before it enter the coefficients), "repeats"
+#: never visits batch 3
+LINEAR_SEQUENCES = {
+    "long": (LONG, 1e-12),
+    "truncated": ([j * 7 % 4 for j in range(300)], 1e-6),
+    "repeats": (SEQUENCES["repeats"], 1e-12),
+    "single_step": (SEQUENCES["single_step"] * 2, 1e-12),
+}
+
+
+@pytest.mark.parametrize("hvp", ["double_backward", "vmap"])
+@pytest.mark.parametrize("seq", sorted(LINEAR_SEQUENCES))
+@pytest.mark.parametrize("opt", ["heavy_ball", "nesterov"])
+def test_linear_coefficients_match_the_scan_the_kernel_and_an_oracle(monkeypatch, opt, seq, hvp):
+    """Without the fused kernel (a GPU's path) a linear optimizer's cotangent is A G, A from
+    the window's steps alone, or the scan: both equal the kernel's (1e-12) and the literal
+    Eq. (9) (the dense torch path where the tail is cut: the literal keeps every term)."""
+    tiny = make_tiny("gelu_mlp")
+    optimizer = OPTIMIZERS[opt]
+    sequence, tail_tol = LINEAR_SEQUENCES[seq]
+
+    def M(window: str = "linear") -> torch.Tensor:
+        return memory_correction(
+            tiny.model, tiny.loss_fn, tiny.batches, optimizer, sequence,
+            window=window, hvp=hvp, tail_tol=tail_tol,
+        )  # fmt: skip
+
+    kernel = M()
+    oracle = M("dense") if tail_tol > 1e-12 else literal(tiny, optimizer, sequence)
+    monkeypatch.setattr(fused, "usable", lambda *_: False)
+    taken = []
+    coefficients = windows.linear_coefficients
+
+    def counted(*args: object) -> np.ndarray:
+        taken.append(args)
+        return coefficients(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(windows, "linear_coefficients", counted)
+    got = {}
+    for flag in (True, False):
+        monkeypatch.setattr(windows, "LINEAR_COEFFICIENTS", flag)
+        got[flag] = M()
+    assert len(taken) == 1  # the coefficients once, the scan once
+    assert rel_err(got[True], got[False]) < 1e-12
+    assert rel_err(got[True], kernel) < 1e-12
+    assert rel_err(got[True], oracle) < 1e-9
+
+
+def test_the_torch_path_takes_the_coefficients_by_their_cost(monkeypatch):
+    """m^2 <= ratio K takes A G; beyond it, or beyond MAX_COEFFICIENTS numbers, the scan."""
+    tiny = make_tiny("gelu_mlp")
+    probe = Probe(Problem(tiny.model, tiny.loss_fn, tiny.batches))  # m = 4
+    w = windows.window_of(OPTIMIZERS["heavy_ball"], np.array(LONG), 1e-12, "double_backward")
+    assert w is not None and w.K == 14
+    ratio = windows.COEFFICIENT_RATIO
+    monkeypatch.setattr(windows, "COEFFICIENT_RATIO", {**ratio, "cpu": 2})  # 16 <= 2 * 14
+    assert windows.takes_coefficients(probe, w)
+    monkeypatch.setattr(windows, "COEFFICIENT_RATIO", {**ratio, "cpu": 1})  # 16 > 14
+    assert not windows.takes_coefficients(probe, w)
+    monkeypatch.setattr(windows, "COEFFICIENT_RATIO", {**ratio, "cpu": 2})
+    monkeypatch.setattr(windows, "MAX_COEFFICIENTS", 4 * 14 - 1)
+    assert not windows.takes_coefficients(probe, w)
 
 
 GROUPED = [
