@@ -12,10 +12,12 @@ its first computation (:mod:`noisemem.system`); the second column turns it off
 (``NOISEMEM_KEEP_FREED_MEMORY=0``: glibc's defaults), to show what it is worth.
 
 Targets: memory_correction for heavy ball 1 and 10 epochs deep <= 6, AdamW 10 epochs deep
-<= 10; the exact heavy-ball expectation <= 6; the torch window (``window="scan"``, what a
-GPU takes: no fused CPU kernel) flat from 1 to 10 epochs deep (10-epoch / 1-epoch <= 1.25);
-the literal Eq. (9) loop (O(n) HVPs + O(n^2) sums) >= 20x slower than the engine. Rows
-marked "info" break the costs down.
+<= 10; the exact heavy-ball expectation <= 6; the same calls with the fused CPU kernel off
+(what a GPU takes: heavy ball's linear window in torch, AdamW's torch scan) flat from 1 to 10
+epochs deep (10-epoch / 1-epoch <= 1.25); the literal Eq. (9) loop (O(n) HVPs + O(n^2)
+sums) >= 20x slower than the engine. Rows marked "info" break the costs down (heavy ball's
+``window="scan"``: the scan a linear optimizer's torch path takes where its coefficient
+matrix would cost more).
 
 Usage: python benchmarks/bench_engine.py [--device cuda] [--repeats 11] [--threads 1]
        [--only-engine]
@@ -94,6 +96,21 @@ def literal_eq9_heavy_ball(problem: Problem, opt: HeavyBall, seq: list[int]) -> 
     return opt.lr * M
 
 
+def without_fused_kernel(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the fused CPU kernel off: the path a GPU (or a CPU without numba) takes."""
+    import noisemem.fused as fused
+
+    def run() -> object:
+        usable = fused.usable
+        fused.usable = lambda *_: False
+        try:
+            return fn()
+        finally:
+            fused.usable = usable
+
+    return run
+
+
 def child(device: str, repeats: int) -> None:
     """The measurements, in this (fresh) process; one JSON line per row on stdout."""
     from noisemem import expected_correction, memory_correction
@@ -145,11 +162,15 @@ def child(device: str, repeats: int) -> None:
         model, loss_fn, problem, hb, epochs=10), "<= 6")  # fmt: skip
     emit("  same, the mean alone (parts=False: one pass)", lambda: expected_correction(
         model, loss_fn, problem, hb, epochs=10, parts=False), "info")  # fmt: skip
-    # the torch window: what a GPU takes (no fused CPU kernel)
-    emit("torch window (scan): heavy ball, 1 epoch deep", mc(hb, seq1, window="scan"), "flat")
-    emit("torch window (scan): heavy ball, 10 epochs deep", mc(hb, seq10, window="scan"), "flat")
-    emit("torch window (scan): AdamW, 1 epoch deep", mc(adamw, seq1, window="scan"), "flat")
-    emit("torch window (scan): AdamW, 10 epochs deep", mc(adamw, seq10, window="scan"), "flat")
+    # what a GPU takes: the fused CPU kernel off
+    for what, opt in (("heavy ball", hb), ("AdamW", adamw)):
+        for depth, seq in (("1 epoch", seq1), ("10 epochs", seq10)):
+            emit(f"fused kernel off: {what}, {depth} deep", without_fused_kernel(
+                mc(opt, seq)), "flat")  # fmt: skip
+    emit("  torch scan (window='scan'): heavy ball, 1 epoch deep", mc(
+        hb, seq1, window="scan"), "info")  # fmt: skip
+    emit("  torch scan (window='scan'): heavy ball, 10 epochs deep", mc(
+        hb, seq10, window="scan"), "info")  # fmt: skip
     emit("  old torch window (dense): AdamW, 10 epochs deep", mc(
         adamw, seq10, window="dense"), "info", reps=max(3, repeats // 3))  # fmt: skip
     # the pieces: the batch gradients with their graph, one backward pass through it
@@ -250,10 +271,13 @@ def main() -> None:
     for label, head, rows in results:
         table = {r["name"]: r["ratio"] for r in rows}
         for what in ("heavy ball", "AdamW"):
-            one = table[f"torch window (scan): {what}, 1 epoch deep"]
-            ten = table[f"torch window (scan): {what}, 10 epochs deep"]
-            print(f"{label}: torch window {what} 10 / 1 epochs deep: {ten / one:.2f}"
+            one = table[f"fused kernel off: {what}, 1 epoch deep"]
+            ten = table[f"fused kernel off: {what}, 10 epochs deep"]
+            print(f"{label}: fused kernel off, {what} 10 / 1 epochs deep: {ten / one:.2f}"
                   "   target <= 1.25")  # fmt: skip
+        one = table["  torch scan (window='scan'): heavy ball, 1 epoch deep"]
+        ten = table["  torch scan (window='scan'): heavy ball, 10 epochs deep"]
+        print(f"{label}: torch scan, heavy ball 10 / 1 epochs deep: {ten / one:.2f}   info")
         print(f"{label}: literal loop / engine (heavy ball, 10 epochs): "
               f"{head['literal_over_engine']:.0f}x   target >= 20; engine vs literal, "
               f"relative difference {head['rel_diff']:.1e} (float32)")  # fmt: skip
