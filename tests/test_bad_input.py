@@ -165,7 +165,7 @@ CASES: list[tuple[str, Callable[[Path], list[str]], str, int]] = [
     ("memory_budget_below_one_graph", lambda t: spec(t, **{"runtime.memory_budget": "60 kB"}),
      "runtime.memory_budget='60 kB' is too small for c000-HeavyBall-lr0.1-beta0.9: "
      "memory_budget=58.6 KiB cannot hold the 2 (m, d) arrays of Eq. (9) for HeavyBall (m=2, "
-     "d=650, torch.float32: 10.2 KiB) plus one batch's gradient graph (5.32 KiB, x3.5 at its "
+     "d=650, torch.float32: 10.2 KiB) plus one batch's gradient graph (5.32 KiB, x4.5 at its "
      "peak); use window='online' (it keeps O(L d) and the graph of a few steps at a time), "
      "fewer batches, or a larger memory_budget", 2),
     ("more_graph_batches_than_batches", lambda t: spec(t, **{"runtime.graph_batches": 3}),
