@@ -557,10 +557,11 @@ def linear(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
 
 #: the torch path of :func:`linear_cotangent` takes the coefficient matrix when
 #: m^2 <= ratio K: one (m, m) @ (m, d) product (2 m^2 d flops) against the scan's O(K d)
-#: elementwise passes. On a CPU (digits MLP, one thread) the two break even near
-#: m^2 / K = 60-100 (m = 56: 4.2 against 4.8 ms one epoch deep, 4.5 against 19.5 ten
-#: deep; m = 224: 33 against 13 ms). On a GPU, from its ratio of flops to memory speed
-#: (not measured here): about 1000, the scan's kernel launches aside
+#: elementwise passes. On a CPU (digits MLP, one thread) they break even between
+#: m^2 / K = 57 (m = 56 one epoch deep: 4.2 against the scan's 4.8 ms; ten deep: 4.5
+#: against 19.5) and 170 (m = 224: 29 against 25 ms; one epoch deep 33 against 13). On a
+#: GPU, from its ratio of flops to memory speed (not measured here): about 1000, the
+#: scan's kernel launches aside
 COEFFICIENT_RATIO = {"cpu": 64, "cuda": 1024}
 #: at most this many numbers (K m) in each of the coefficient computation's arrays
 MAX_COEFFICIENTS = 1 << 22
