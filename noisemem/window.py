@@ -632,11 +632,8 @@ def linear_coefficients(optimizer: Optimizer, w: Window, m: int) -> np.ndarray:
     weight = np.zeros(K)
     for l in w.memory:
         weight += b_n[l] * memory_weights(variables[l].beta, steps, n, w.tail_tol)
-    rows = weight[:, None] * U
-    order = np.argsort(targets, kind="stable")  # the steps of each batch together
-    batches, first = np.unique(targets[order], return_index=True)
     A = np.zeros((m, m))
-    A[batches] = np.add.reduceat(rows[order], first, axis=0)
+    np.add.at(A, targets, weight[:, None] * U)  # each step's row to its batch's
     return A
 
 
