@@ -191,13 +191,7 @@ def window(
             wts[s] = weights[l]
     # only the slots that are asked for get an (m, d) output; the other is never written
     wanted = [l is not None and l in weights for l in slots]
-    first = first_writes(target, wts)
-    outs = [uninitialised((m, d) if want else (1, 1), np_dtype) for want in wanted]
-    for s, want in enumerate(wanted):
-        if want:  # the rows of batches without a weighted step: never written, so zeroed
-            unwritten = np.ones(m, dtype=np.bool_)
-            unwritten[target[first[s]]] = False
-            outs[s][unwritten] = 0.0
+    first, outs = outputs(target, wts, wanted, (m, d), np_dtype)
     ends = np.empty((2, d), dtype=np_dtype)  # the unscaled sums after the window
     block = _block(K)
     scalar = np_dtype
@@ -245,16 +239,27 @@ def uninitialised(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
 
-def first_writes(target: np.ndarray, wts: np.ndarray) -> np.ndarray:
-    """``(2, K)`` flags: step r is the first of the kernel's writes to row ``target[r]`` of
-    slot s's output (the kernel runs the steps backwards, so the batch's last step with a
-    nonzero weight). The output rows then need no zeroing first (an (m, d) memset)."""
+def outputs(
+    target: np.ndarray, wts: np.ndarray, wanted: list[bool], shape: tuple[int, int], dtype: type
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The kernel's outputs, one per slot ((1, 1) where not wanted), and ``(2, K)`` flags:
+    step r is the first of the kernel's writes to row ``target[r]`` of slot s's output (the
+    kernel runs the steps backwards, so the batch's last step with a nonzero weight). The
+    rows need no zeroing first (an (m, d) memset); only those of batches without a weighted
+    step, which the kernel never writes, are zeroed."""
     first = np.zeros(wts.shape, dtype=np.bool_)
-    for s in range(wts.shape[0]):
+    outs = []
+    for s, want in enumerate(wanted):
         steps = np.flatnonzero(wts[s])[::-1]  # weighted steps, last first
         _, at = np.unique(target[steps], return_index=True)
         first[s, steps[at]] = True
-    return first
+        out = uninitialised(shape if want else (1, 1), dtype)
+        if want:
+            unwritten = np.ones(shape[0], dtype=np.bool_)
+            unwritten[target[steps[at]]] = False
+            out[unwritten] = 0.0
+        outs.append(out)
+    return first, outs
 
 
 #: the kernel's per-thread rows of F, kept between calls (at most ``buffer(K)`` numbers):
