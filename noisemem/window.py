@@ -610,22 +610,16 @@ def linear_coefficients(optimizer: Optimizer, w: Window, m: int) -> np.ndarray:
     """``A`` (m, m), float64, with ``W = A G`` for :func:`linear_cotangent` (a linear
     optimizer: Phi = sum_l m_l, every source g), from the window's steps alone.
 
-    Row s - start of ``F`` holds the coefficients of F^(s) over the batches: each momentum
-    ``m_l^(s+1) = b_l^(s+1) S_l^(s)`` is a decayed count of the one-hot batch indicators
-    (:func:`decay_filter`) from the variable's sum before the window; their suffix sums are
-    those of the u_k, and the rows grouped by batch with the weights
-    ``sum_l b_l^(n+1) beta_l^(n-s)`` give A. O(K m) numbers, nothing of size d: flat in the
-    depth, and a GPU's one matrix product.
+    Row s - start of ``F`` holds the coefficients of F^(s) over the batches, the sum of the
+    momenta's (:func:`momentum_coefficients`: decayed counts of the one-hot batch
+    indicators); their suffix sums are those of the u_k, and the rows grouped by batch with
+    the weights ``sum_l b_l^(n+1) beta_l^(n-s)`` give A. O(K m) numbers, nothing of size d:
+    flat in the depth, and a GPU's one matrix product.
     """
     variables = optimizer.variables
-    sig, start, n, K = w.sequence, w.start, w.n, w.K
-    targets = w.targets
-    onehot = np.zeros((K, m))
-    onehot[np.arange(K), targets] = 1.0
-    F = np.zeros((K, m))
-    for l, v in enumerate(variables):
-        before = decay_weights(sig[:start], v.beta, m, v.source)
-        F += w.scales[l, :K, None] * decay_filter(onehot, v.beta, before)
+    start, n, K = w.start, w.n, w.K
+    coef, _ = momentum_coefficients(optimizer, w, [m] * len(variables))
+    F = np.sum([c[:K] for c in coef], axis=0)  # Phi = sum_l m_l
     U = np.cumsum(F[::-1], axis=0)[::-1]  # the u of step s: sum_{s'=s..n-1} F^(s')
     steps = np.arange(start, n)
     b_n = w.scales[:, -1]
@@ -633,8 +627,27 @@ def linear_coefficients(optimizer: Optimizer, w: Window, m: int) -> np.ndarray:
     for l in w.memory:
         weight += b_n[l] * memory_weights(variables[l].beta, steps, n, w.tail_tol)
     A = np.zeros((m, m))
-    np.add.at(A, targets, weight[:, None] * U)  # each step's row to its batch's
+    np.add.at(A, w.targets, weight[:, None] * U)  # each step's row to its batch's
     return A
+
+
+def momentum_coefficients(
+    optimizer: Optimizer, w: Window, rows: Sequence[int]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per variable l, its momenta as combinations of the rows of its sources:
+    ``m_l^(s+1) = C_l[s - start] @ G_l`` for s = start..n (``C_l`` (K+1, rows[l]), scaled by
+    b_l^(s+1): a first-order filter over the one-hot batch indicators from the variable's
+    sum before the window, float64), and the row of G_l each step uses (0 for theta)."""
+    sig, start, K = w.sequence, w.start, w.K
+    coef, gather = [], []
+    for l, v in enumerate(optimizer.variables):
+        target = sig[start:] if v.source.uses_grad else np.zeros(K + 1, dtype=np.int64)
+        onehot = np.zeros((K + 1, rows[l]))
+        onehot[np.arange(K + 1), target] = 1.0
+        c0 = decay_weights(sig[:start], v.beta, rows[l], v.source)
+        coef.append(w.scales[l][:, None] * decay_filter(onehot, v.beta, c0))
+        gather.append(target)
+    return coef, gather
 
 
 def dense(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
@@ -647,7 +660,7 @@ def dense(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     into the scatter): matrix products instead of a loop over steps.
     """
     theta = probe.native_theta
-    sig, start, n, K = w.sequence, w.start, w.n, w.K
+    start, n, K = w.start, w.n, w.K
     variables = optimizer.variables
     sources = probe.native_sources(optimizer)
     dtype, device = theta.dtype, theta.device
@@ -655,17 +668,7 @@ def dense(probe: Probe, optimizer: Optimizer, w: Window) -> Tensor:
     def tensor(a: np.ndarray) -> Tensor:
         return torch.as_tensor(a, dtype=dtype, device=device)
 
-    coef: list[np.ndarray] = []  # (K+1, rows_l): row r is step s = start + r, scaled
-    gather: list[np.ndarray] = []  # which row of G_l step s uses
-    for l, v in enumerate(variables):
-        rows = sources[l].shape[0]
-        target = sig[start:] if v.source.uses_grad else np.zeros(K + 1, dtype=np.int64)
-        onehot = np.zeros((K + 1, rows))
-        onehot[np.arange(K + 1), target] = 1.0
-        c0 = decay_weights(sig[:start], v.beta, rows, v.source)
-        C = decay_filter(onehot, v.beta, c0)
-        coef.append(w.scales[l][:, None] * C)
-        gather.append(target)
+    coef, gather = momentum_coefficients(optimizer, w, [G.shape[0] for G in sources])
     B, first = {}, {}
     steps = np.arange(start, n)
     for l in w.memory:
